@@ -1,0 +1,49 @@
+"""The common result type of every estimator: a point estimate with its uncertainty."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from scipy import stats
+
+Measure = Literal["difference", "ratio", "hazard_ratio"]
+
+
+@dataclass(frozen=True)
+class EffectEstimate:
+    """An effect with a Wald 95% interval; ratios keep `se` on the log scale."""
+
+    estimate: float
+    se: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    measure: Measure
+    estimand: str
+    n_treated: int
+    n_control: int
+
+    @classmethod
+    def from_log_ratio(
+        cls, log_estimate: float, se: float, *, measure: Measure, estimand: str,
+        n_treated: int, n_control: int, level: float = 0.95,
+    ) -> EffectEstimate:
+        """Build a ratio estimate from its log and the standard error of the log."""
+        z = stats.norm.ppf(0.5 + level / 2)
+        p = 2 * stats.norm.sf(abs(log_estimate / se)) if se > 0 else math.nan
+        return cls(
+            estimate=math.exp(log_estimate), se=se,
+            ci_low=math.exp(log_estimate - z * se), ci_high=math.exp(log_estimate + z * se),
+            p_value=float(p), measure=measure, estimand=estimand,
+            n_treated=n_treated, n_control=n_control,
+        )
+
+    @property
+    def log_estimate(self) -> float:
+        """Log of a ratio estimate (the scale on which `se` is given)."""
+        return math.log(self.estimate)
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,408 @@
+"""Propensity scores: a cross-validated L1 logistic model, and the quantities built on it.
+
+Everything here takes arrays (a scipy.sparse CSR or dense covariate matrix, a 0/1 treatment
+vector, propensity scores) and returns arrays or numbers. Conventions follow OHDSI CohortMethod
+(preference score, equipoise, per-arm cap of the fitting sample, intercept correction).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.special import expit, logit
+from scipy.stats import rankdata
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+
+from estimators.errors import EstimationError
+
+MIN_PERSONS_PER_ARM = 10
+"""Fewer persons than this in an arm and no propensity model is fitted."""
+
+INTERCEPT_SCALING = 1000.0
+"""liblinear penalises the intercept as a covariate of this constant value; large = ~unpenalised."""
+
+PS_EPS = 1e-9
+"""Fitted scores are clipped to [PS_EPS, 1 - PS_EPS]."""
+
+DEFAULT_GRID_DECADES = 4
+DEFAULT_GRID_PER_DECADE = 3
+EARLY_STOP_AFTER = 2
+"""The CV walk stops once this many consecutive grid points are worse than the best so far."""
+
+LIBLINEAR_TOL = 1e-4
+LIBLINEAR_MAX_ITER = 1000
+
+Estimand = Literal["ATE", "ATT", "ATO"]
+
+
+@dataclass(frozen=True, eq=False)
+class PropensityFit:
+    """A fitted propensity model: scores for every row plus how the penalty was chosen."""
+
+    ps: np.ndarray
+    """P(treated | X) per row, clipped to [PS_EPS, 1 - PS_EPS]."""
+    C: float
+    """Inverse regularisation strength of the final fit (scikit-learn's C = 1/(n_fit * lambda))."""
+    lambda_: float
+    """Chosen per-sample L1 penalty (independent of the number of rows)."""
+    lambdas_tried: np.ndarray
+    """Per-sample penalties evaluated by CV, strongest first (the walk may stop early)."""
+    cv_log_loss: np.ndarray
+    """Mean held-out log loss per person at each of `lambdas_tried`."""
+    auc: float
+    """In-sample c-statistic of `ps` for treatment."""
+    n_nonzero: int
+    """Non-zero covariate coefficients (intercept excluded)."""
+    coef: np.ndarray
+    intercept: float
+    """Intercept on the scale of the full population (corrected when arms were subsampled)."""
+    n_cv_rows: int
+    n_fit_rows: int
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------
+
+
+def as_treated(treated: np.ndarray, n: int | None = None) -> np.ndarray:
+    """Return `treated` as an int8 0/1 vector, raising EstimationError if it is not one."""
+    t = np.asarray(treated)
+    if t.ndim != 1:
+        raise EstimationError(f"treatment must be a 1-D vector, got shape {t.shape}")
+    if n is not None and t.shape[0] != n:
+        raise EstimationError(
+            f"covariates have {n} rows but the treatment vector has {t.shape[0]}"
+        )
+    if t.dtype == bool:
+        return t.astype(np.int8)
+    if not np.issubdtype(t.dtype, np.number) or not np.all((t == 0) | (t == 1)):
+        raise EstimationError("treatment must be binary (0 = comparator, 1 = treated)")
+    return t.astype(np.int8)
+
+
+def _as_covariates(X) -> sp.csr_matrix | np.ndarray:
+    """Return X as float64 CSR (if sparse) or a float64 2-D array; reject NaN/inf."""
+    if sp.issparse(X):
+        if X.ndim != 2:
+            raise EstimationError(f"covariates must be 2-D, got shape {X.shape}")
+        X = sp.csr_matrix(X, dtype=np.float64)
+        values = X.data
+    else:
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2:
+            raise EstimationError(f"covariates must be 2-D, got shape {X.shape}")
+        values = X
+    if not np.isfinite(values).all():
+        raise EstimationError("covariates contain NaN or infinite values")
+    return X
+
+
+def _check_arms(t: np.ndarray, minimum: int) -> tuple[int, int]:
+    n1 = int(t.sum())
+    n0 = int(t.shape[0] - n1)
+    for name, count in (("treated", n1), ("comparator", n0)):
+        if count == 0:
+            raise EstimationError(f"the {name} arm is empty")
+        if count < minimum:
+            raise EstimationError(
+                f"only {count} persons in the {name} arm (at least {minimum} are needed "
+                "to fit a propensity model)"
+            )
+    return n1, n0
+
+
+def _check_ps(ps: np.ndarray, n: int, *, open_interval: bool) -> np.ndarray:
+    ps = np.asarray(ps, dtype=np.float64)
+    if ps.ndim != 1 or ps.shape[0] != n:
+        raise EstimationError(f"propensity scores must be a vector of length {n}")
+    if open_interval:
+        ok = (ps > 0) & (ps < 1)
+        bounds = "strictly between 0 and 1"
+    else:
+        ok = (ps >= 0) & (ps <= 1)
+        bounds = "between 0 and 1"
+    if not ok.all():
+        raise EstimationError(f"propensity scores must be {bounds} (found NaN or out of range)")
+    return ps
+
+
+# --------------------------------------------------------------------------------------------
+# Fitting
+# --------------------------------------------------------------------------------------------
+
+
+def _stratified_subsample(
+    t: np.ndarray, max_rows: int | None, rng: np.random.Generator
+) -> np.ndarray | None:
+    """Row indices (sorted) of a subsample keeping the treated share, or None if all fit."""
+    n = t.shape[0]
+    if max_rows is None or n <= max_rows:
+        return None
+    keep = []
+    for arm in (0, 1):
+        idx = np.flatnonzero(t == arm)
+        k = max(MIN_PERSONS_PER_ARM, round(idx.size * max_rows / n))
+        keep.append(rng.choice(idx, size=min(k, idx.size), replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def _cap_per_arm(
+    t: np.ndarray, max_per_arm: int | None, rng: np.random.Generator
+) -> np.ndarray | None:
+    """Row indices (sorted) with each arm capped at max_per_arm, or None if no arm exceeds it."""
+    if max_per_arm is None:
+        return None
+    arms = [np.flatnonzero(t == arm) for arm in (0, 1)]
+    if all(idx.size <= max_per_arm for idx in arms):
+        return None
+    keep = [
+        rng.choice(idx, size=max_per_arm, replace=False) if idx.size > max_per_arm else idx
+        for idx in arms
+    ]
+    return np.sort(np.concatenate(keep))
+
+
+def _lambda_max(X, t: np.ndarray) -> float:
+    """Smallest per-sample L1 penalty at which every coefficient is zero (intercept free)."""
+    r = t - t.mean()
+    grad = X.T @ r
+    return float(np.abs(grad).max()) / t.shape[0] if grad.size else 0.0
+
+
+def default_grid(X, treated: np.ndarray) -> np.ndarray:
+    """Per-sample penalties from lambda_max (all-zero model) down 4 decades, 3 per decade."""
+    lmax = _lambda_max(X, np.asarray(treated, dtype=np.float64))
+    steps = DEFAULT_GRID_DECADES * DEFAULT_GRID_PER_DECADE
+    return lmax * 10.0 ** (-np.arange(steps + 1) / DEFAULT_GRID_PER_DECADE)
+
+
+def _model(C: float, seed: int) -> LogisticRegression:
+    return LogisticRegression(
+        l1_ratio=1.0, solver="liblinear", C=C, intercept_scaling=INTERCEPT_SCALING,
+        tol=LIBLINEAR_TOL, max_iter=LIBLINEAR_MAX_ITER, random_state=seed,
+    )
+
+
+def _linear_predictor(X, coef: np.ndarray, intercept: float) -> np.ndarray:
+    return np.asarray(X @ coef).ravel() + intercept
+
+
+def _sum_log_loss(y: np.ndarray, z: np.ndarray) -> float:
+    """Sum of the logistic log loss for labels y and linear predictor z (numerically stable)."""
+    return float(np.sum(np.logaddexp(0.0, z) - y * z))
+
+
+def fit_propensity(
+    X,
+    treated: np.ndarray,
+    *,
+    seed: int = 0,
+    n_folds: int = 3,
+    max_cv_rows: int | None = 100_000,
+    max_fit_rows: int | None = 250_000,
+    grid: Sequence[float] | None = None,
+) -> PropensityFit:
+    """Fit an L1 logistic propensity model with the penalty chosen by early-stopped K-fold CV.
+
+    The grid is of per-sample penalties lambda (C = 1/(n_train * lambda)), so it means the same at
+    any n; CV runs on a stratified subsample, the final fit on all rows (arms capped per arm).
+    """
+    X = _as_covariates(X)
+    t = as_treated(treated, X.shape[0])
+    _check_arms(t, max(MIN_PERSONS_PER_ARM, n_folds))
+    if n_folds < 2:
+        raise EstimationError(f"n_folds must be at least 2, got {n_folds}")
+    rng = np.random.default_rng(seed)
+
+    # Cross-validation on a stratified subsample.
+    cv_idx = _stratified_subsample(t, max_cv_rows, rng)
+    Xcv, tcv = (X, t) if cv_idx is None else (X[cv_idx], t[cv_idx])
+    n_cv = tcv.shape[0]
+    lambdas = (
+        default_grid(Xcv, tcv) if grid is None
+        else np.sort(np.asarray(grid, dtype=np.float64))[::-1]
+    )
+    if lambdas.size == 0 or not np.all(np.isfinite(lambdas)) or np.any(lambdas < 0):
+        raise EstimationError("the penalty grid must hold finite non-negative values")
+    lambdas = lambdas[lambdas > 0]
+    if X.shape[1] == 0 or lambdas.size == 0:
+        return _null_fit(t, X.shape[1], n_cv)
+
+    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    folds = [
+        (Xcv[tr], tcv[tr], Xcv[te], tcv[te])
+        for tr, te in splitter.split(np.zeros((n_cv, 1)), tcv)
+    ]
+    losses: list[float] = []
+    best = 0
+    for k, lam in enumerate(lambdas):
+        total = 0.0
+        for Xtr, ytr, Xte, yte in folds:
+            m = _model(1.0 / (ytr.shape[0] * lam), seed).fit(Xtr, ytr)
+            total += _sum_log_loss(yte, _linear_predictor(Xte, m.coef_[0], m.intercept_[0]))
+        losses.append(total / n_cv)
+        if losses[k] < losses[best]:
+            best = k
+        elif k - best >= EARLY_STOP_AFTER:
+            break
+    lam = float(lambdas[best])
+
+    # Final fit on all rows, or on each arm capped at max_fit_rows, then predict for all rows.
+    fit_idx = _cap_per_arm(t, max_fit_rows, rng)
+    Xf, tf = (X, t) if fit_idx is None else (X[fit_idx], t[fit_idx])
+    C = 1.0 / (tf.shape[0] * lam)
+    model = _model(C, seed).fit(Xf, tf)
+    coef = model.coef_[0].copy()
+    intercept = float(model.intercept_[0])
+    if fit_idx is not None:
+        # King & Zeng (2001) eq. 7, as CohortMethod: undo the change in treated odds by sampling.
+        intercept -= logit(tf.mean()) - logit(t.mean())
+    z = _linear_predictor(X, coef, intercept)
+    if z[t == 0].max() < z[t == 1].min():
+        raise EstimationError(
+            "propensity model separates the arms perfectly (AUC 1.00): no overlap to compare"
+        )
+    ps = np.clip(expit(z), PS_EPS, 1.0 - PS_EPS)
+    return PropensityFit(
+        ps=ps, C=C, lambda_=lam,
+        lambdas_tried=np.asarray(lambdas[: len(losses)]), cv_log_loss=np.asarray(losses),
+        auc=auc(ps, t), n_nonzero=int(np.count_nonzero(coef)), coef=coef, intercept=intercept,
+        n_cv_rows=n_cv, n_fit_rows=int(tf.shape[0]),
+    )
+
+
+def _null_fit(t: np.ndarray, n_cols: int, n_cv: int) -> PropensityFit:
+    """Intercept-only model, used when there are no covariates to fit."""
+    p = float(t.mean())
+    return PropensityFit(
+        ps=np.full(t.shape[0], p), C=math.nan, lambda_=math.nan,
+        lambdas_tried=np.empty(0), cv_log_loss=np.empty(0), auc=0.5, n_nonzero=0,
+        coef=np.zeros(n_cols), intercept=float(logit(p)), n_cv_rows=n_cv,
+        n_fit_rows=int(t.shape[0]),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Diagnostics and adjustment built on the scores
+# --------------------------------------------------------------------------------------------
+
+
+def auc(scores: np.ndarray, treated: np.ndarray) -> float:
+    """C-statistic of scores for treatment: Mann-Whitney U with ties counted half (= ROC AUC)."""
+    s = np.asarray(scores, dtype=np.float64)
+    t = as_treated(treated, s.shape[0] if s.ndim == 1 else None)
+    n1 = int(t.sum())
+    n0 = t.shape[0] - n1
+    if n1 == 0 or n0 == 0:
+        raise EstimationError("the AUC needs persons in both arms")
+    if np.isnan(s).any():
+        raise EstimationError("scores contain NaN")
+    ranks = rankdata(s)  # average ranks for ties
+    u = ranks[t == 1].sum() - n1 * (n1 + 1) / 2.0
+    return float(u / (n1 * n0))
+
+
+def preference_score(ps: np.ndarray, treated: np.ndarray) -> np.ndarray:
+    """Walker et al. (2013) preference score: logit(F) = logit(ps) - logit(share treated).
+
+    It removes the effect of the arms' relative sizes so 0.5 means 'as likely as average'.
+    """
+    t = as_treated(treated)
+    ps = _check_ps(ps, t.shape[0], open_interval=False)
+    share = float(t.mean()) if t.size else math.nan
+    if not 0.0 < share < 1.0:
+        raise EstimationError("the preference score needs persons in both arms")
+    with np.errstate(divide="ignore"):
+        return expit(logit(ps) - logit(share))
+
+
+def equipoise(
+    ps: np.ndarray, treated: np.ndarray, low: float = 0.3, high: float = 0.7
+) -> float:
+    """Share of all persons whose preference score lies in [low, high] (empirical equipoise)."""
+    f = preference_score(ps, treated)
+    return float(np.mean((f >= low) & (f <= high)))
+
+
+def ps_strata(ps: np.ndarray, n_strata: int = 5) -> np.ndarray:
+    """Quantile strata of ps over all persons, labelled 0..k-1 (k <= n_strata when ties merge).
+
+    Intervals are right-closed like CohortMethod's stratifyByPs; tied cut points collapse.
+    """
+    ps = np.asarray(ps, dtype=np.float64)
+    if ps.ndim != 1 or ps.size == 0:
+        raise EstimationError("propensity scores must be a non-empty vector")
+    _check_ps(ps, ps.shape[0], open_interval=False)
+    if n_strata < 1:
+        raise EstimationError(f"n_strata must be at least 1, got {n_strata}")
+    cuts = np.quantile(ps, np.arange(1, n_strata) / n_strata)
+    labels = np.searchsorted(cuts, ps, side="left")
+    _, dense = np.unique(labels, return_inverse=True)  # drop strata left empty by ties
+    return dense.astype(np.int64)
+
+
+def iptw_weights(
+    ps: np.ndarray, treated: np.ndarray, *, estimand: Estimand = "ATE", stabilized: bool = True
+) -> np.ndarray:
+    """Inverse probability of treatment weights for the ATE, ATT or ATO (overlap weights).
+
+    ATE: 1/ps, 1/(1-ps); ATT: 1, ps/(1-ps); ATO: 1-ps, ps. Stabilised ATE multiplies by the
+    arm's share; stabilised ATT multiplies comparators by (1-P)/P; ATO weights are left as is.
+    """
+    t = as_treated(treated)
+    ps = _check_ps(ps, t.shape[0], open_interval=estimand != "ATO")
+    tr = t == 1
+    share = float(t.mean()) if t.size else math.nan
+    if stabilized and estimand != "ATO" and not 0.0 < share < 1.0:
+        raise EstimationError("stabilised weights need persons in both arms")
+    if estimand == "ATE":
+        w = np.where(tr, 1.0 / ps, 1.0 / (1.0 - ps))
+        if stabilized:
+            w *= np.where(tr, share, 1.0 - share)
+    elif estimand == "ATT":
+        w = np.where(tr, 1.0, ps / (1.0 - ps))
+        if stabilized:
+            w[~tr] *= (1.0 - share) / share
+    elif estimand == "ATO":
+        w = np.where(tr, 1.0 - ps, ps)
+    else:
+        raise EstimationError(f"unknown estimand {estimand!r} (ATE, ATT or ATO)")
+    return w
+
+
+def stratification_weights(strata: np.ndarray, treated: np.ndarray) -> np.ndarray:
+    """Weights n_s / n_(s, arm): each arm of each stratum stands for the whole stratum (ATE).
+
+    Balance after stratification is then a weighted SMD. Persons in a stratum lacking one arm
+    get weight 0 (that stratum cannot contribute a comparison).
+    """
+    t = as_treated(treated)
+    s = np.asarray(strata)
+    if s.shape != t.shape:
+        raise EstimationError("strata and treatment must have the same length")
+    _, sid = np.unique(s, return_inverse=True)
+    k = int(sid.max()) + 1 if sid.size else 0
+    n_arm = np.zeros((k, 2))
+    np.add.at(n_arm, (sid, t), 1.0)
+    n_stratum = n_arm.sum(axis=1)
+    both = (n_arm > 0).all(axis=1)
+    per_cell = np.divide(
+        n_stratum[:, None], n_arm, out=np.zeros_like(n_arm), where=both[:, None]
+    )
+    return per_cell[sid, t]
+
+
+def effective_sample_size(weights: np.ndarray) -> float:
+    """Kish's effective sample size (sum w)^2 / sum w^2: how many equal-weight persons."""
+    w = np.asarray(weights, dtype=np.float64)
+    if np.isnan(w).any() or (w < 0).any():
+        raise EstimationError("weights must be non-negative and not NaN")
+    ss = float(np.dot(w, w))
+    return float(w.sum()) ** 2 / ss if ss > 0 else 0.0
