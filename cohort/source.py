@@ -1,0 +1,169 @@
+"""Open an OMOP CDM (a .duckdb file or a folder of <table>.parquet) as DuckDB views.
+
+Every CDM table the pipeline reads is exposed as a view named after the table in a fresh
+in-memory DuckDB connection, so the SQL in `cohort/` is the same for both layouts and for CDM
+v5.3 and v5.4 (the columns we read have the same names in both).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+
+# Columns each table must have for the parts of a study that read it.
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "person": ("person_id", "gender_concept_id", "year_of_birth"),
+    "observation_period": (
+        "person_id", "observation_period_start_date", "observation_period_end_date",
+    ),
+    "drug_era": ("person_id", "drug_concept_id", "drug_era_start_date", "drug_era_end_date"),
+    "drug_exposure": (
+        "person_id", "drug_concept_id", "drug_exposure_start_date", "drug_exposure_end_date",
+    ),
+    "condition_occurrence": ("person_id", "condition_concept_id", "condition_start_date"),
+    "procedure_occurrence": ("person_id", "procedure_concept_id", "procedure_date"),
+    "measurement": ("person_id", "measurement_concept_id", "measurement_date"),
+    "concept": ("concept_id", "concept_name", "domain_id", "vocabulary_id", "concept_code"),
+    "concept_ancestor": ("ancestor_concept_id", "descendant_concept_id"),
+}
+OPTIONAL_TABLES = ("concept", "concept_ancestor", "cdm_source")
+
+
+def scalar(con: duckdb.DuckDBPyConnection, sql: str, params: object = None) -> object:
+    """First value of a query's single row (duckdb 2 needs results consumed completely)."""
+    return con.execute(sql, params).fetchall()[0][0]
+
+
+class SourceError(Exception):
+    """The record source cannot serve the study; the message says exactly what is missing."""
+
+
+@dataclass
+class RecordSource:
+    """An opened CDM: a DuckDB connection with one view per available CDM table."""
+
+    path: Path
+    con: duckdb.DuckDBPyConnection
+    tables: dict[str, list[str]] = field(default_factory=dict)  # table -> column names
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def cdm_version(self) -> str:
+        if "cdm_source" in self.tables and "cdm_version" in self.tables["cdm_source"]:
+            version = scalar(self.con, "SELECT max(cdm_version) FROM cdm_source")
+            if version:
+                return str(version)
+        return "unknown"
+
+    def has_rows(self, table: str) -> bool:
+        if table not in self.tables:
+            return False
+        return bool(scalar(self.con, f'SELECT EXISTS (SELECT 1 FROM "{table}")'))
+
+    def require(self, needs: dict[str, tuple[str, ...]]) -> None:
+        """Raise SourceError listing every missing table and column among `needs`."""
+        problems = []
+        for table, columns in needs.items():
+            if table not in self.tables:
+                problems.append(f"table {table} is missing")
+                continue
+            missing = [c for c in columns if c not in self.tables[table]]
+            if missing:
+                problems.append(f"table {table} lacks column(s) {', '.join(missing)}")
+        if problems:
+            raise SourceError(f"{self.path}: {'; '.join(problems)}")
+
+    def fingerprint(self) -> dict:
+        """Tables, row counts and file sizes/mtimes: changes whenever the data does."""
+        tables = {}
+        for table in sorted(self.tables):
+            entry: dict = {
+                "rows": scalar(self.con, f'SELECT count(*) FROM "{table}"'),
+            }
+            if table in self.files:
+                stat = self.files[table].stat()
+                entry.update(bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
+            tables[table] = entry
+        if self.path.is_file():
+            stat = self.path.stat()
+            tables["_file"] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        digest = hashlib.sha256(json.dumps(tables, sort_keys=True).encode()).hexdigest()
+        return {"path": str(self.path), "cdm_version": self.cdm_version,
+                "sha256": digest, "tables": tables}
+
+    def close(self) -> None:
+        self.con.close()
+
+
+def open_source(
+    path: str | Path, *, memory_limit: str | None = None, threads: int | None = None,
+    temp_directory: str | None = None,
+) -> RecordSource:
+    """Open a CDM folder of Parquet files or a .duckdb file, read-only."""
+    path = Path(path)
+    if not path.exists():
+        raise SourceError(f"{path}: no such file or folder (expected an OMOP CDM)")
+    con = duckdb.connect()
+    for setting, value in (("memory_limit", memory_limit), ("threads", threads),
+                           ("temp_directory", temp_directory)):
+        if value is not None:
+            con.execute(f"SET {setting} = ?", [value])
+    source = RecordSource(path=path, con=con)
+    if path.is_dir():
+        _attach_parquet_folder(source)
+    elif path.suffix in (".duckdb", ".db"):
+        _attach_duckdb_file(source)
+    else:
+        con.close()
+        raise SourceError(
+            f"{path}: expected a folder of <table>.parquet files or a .duckdb file"
+        )
+    if "person" not in source.tables:
+        con.close()
+        raise SourceError(f"{path}: no person table found; is this an OMOP CDM?")
+    return source
+
+
+def _attach_parquet_folder(source: RecordSource) -> None:
+    for file in sorted(source.path.glob("*.parquet")):
+        table = file.stem.lower()
+        if not table.replace("_", "").isalnum():
+            continue
+        try:
+            source.con.read_parquet(str(file)).create_view(table)
+        except duckdb.Error as exc:
+            raise SourceError(f"{file}: not a readable Parquet file ({exc})") from None
+        source.files[table] = file
+        source.tables[table] = _columns(source.con, table)
+
+
+def _attach_duckdb_file(source: RecordSource) -> None:
+    try:
+        source.con.execute("ATTACH ? AS cdm (READ_ONLY)", [str(source.path)])
+    except duckdb.Error as exc:
+        raise SourceError(f"{source.path}: not a readable DuckDB database ({exc})") from None
+    rows = source.con.execute(
+        "SELECT DISTINCT table_schema, table_name FROM information_schema.tables "
+        "WHERE table_catalog = 'cdm'"
+    ).fetchall()
+    schemas = {}
+    for schema, table in rows:
+        if not (schema.replace("_", "").isalnum() and table.replace("_", "").isalnum()):
+            continue
+        schemas.setdefault(table.lower(), []).append((schema, table))
+    for table, places in sorted(schemas.items()):
+        if not table.replace("_", "").isalnum():
+            continue
+        schema, name = sorted(places, key=lambda p: p[0] != "main")[0]
+        source.con.execute(
+            f'CREATE VIEW "{table}" AS SELECT * FROM cdm."{schema}"."{name}"'
+        )
+        source.tables[table] = _columns(source.con, table)
+
+
+def _columns(con: duckdb.DuckDBPyConnection, table: str) -> list[str]:
+    return [row[0].lower() for row in con.execute(f'DESCRIBE "{table}"').fetchall()]
