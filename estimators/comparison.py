@@ -1,0 +1,226 @@
+"""Analyse one treatment-comparator comparison: one propensity fit, every outcome, every estimator.
+
+Arrays in, rows out. A failure of one outcome or estimator becomes a row with status "failed"
+and the reason; the rest of the comparison still runs. Balance is measured on the whole
+comparison cohort (the population the propensity model was fitted on).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from estimators.balance import covariate_balance, max_abs_smd
+from estimators.effect import EffectEstimate
+from estimators.errors import EstimationError
+from estimators.hazard import crude_hr, iptw_hr, stratified_hr, truncated_iptw_weights
+from estimators.power import mdrr
+from estimators.propensity import (
+    effective_sample_size,
+    equipoise,
+    fit_propensity,
+    ps_strata,
+    stratification_weights,
+)
+
+ESTIMATORS = ("crude", "iptw", "ps_strata")
+N_STRATA = 5
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Diagnostic gates a comparison must pass before its estimates are trusted."""
+
+    max_smd: float = 0.1
+    min_equipoise: float = 0.2
+    max_mdrr: float = 10.0
+
+
+@dataclass(frozen=True)
+class OutcomeInput:
+    """One outcome's arrays over the comparison's persons."""
+
+    time: np.ndarray
+    event: np.ndarray
+    prior: np.ndarray
+    role: str = "outcome"
+
+
+@dataclass
+class ComparisonResult:
+    """Rows for the estimates, diagnostics and balance tables (without study labels)."""
+
+    estimates: list[dict] = field(default_factory=list)
+    diagnostics: list[dict] = field(default_factory=list)
+    balance: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    propensity: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Adjustment:
+    weights: np.ndarray | None = None
+    strata: np.ndarray | None = None
+    max_smd: float = math.nan
+    ess: tuple[float, float] = (math.nan, math.nan)
+
+
+def analyze_comparison(
+    X: sp.spmatrix | np.ndarray,
+    treated: np.ndarray,
+    outcomes: Mapping[str, OutcomeInput],
+    *,
+    estimators: Sequence[str] = ESTIMATORS,
+    exclude_prior_outcome: bool = True,
+    thresholds: Thresholds = Thresholds(),
+    seed: int = 0,
+) -> ComparisonResult:
+    """Fit the propensity model once, then every estimator on every outcome."""
+    treated = np.asarray(treated).astype(np.int8)
+    result = ComparisonResult()
+    adjustments: dict[str, _Adjustment | EstimationError] = {}
+    before = covariate_balance(X, treated) if X.shape[1] else None
+    smd_before = max_abs_smd(before) if before is not None else math.nan
+    crude = _Adjustment(max_smd=smd_before, ess=_arm_ess(None, treated))
+    adjustments["crude"] = crude
+    ps_error: EstimationError | None = None
+    pref_equipoise = math.nan
+    if any(e != "crude" for e in estimators):
+        try:
+            ps_fit = fit_propensity(X, treated, seed=seed)
+            pref_equipoise = equipoise(ps_fit.ps, treated)
+            result.propensity = {"auc": ps_fit.auc, "c": ps_fit.C,
+                                 "n_nonzero": ps_fit.n_nonzero, "equipoise": pref_equipoise}
+        except EstimationError as exc:
+            ps_error = exc
+    for name in estimators:
+        if name == "crude":
+            continue
+        if ps_error is not None:
+            adjustments[name] = ps_error
+            continue
+        if name == "iptw":
+            weights, strata = truncated_iptw_weights(ps_fit.ps, treated), None
+        else:
+            strata = ps_strata(ps_fit.ps, N_STRATA)
+            weights = stratification_weights(strata, treated)
+        after = covariate_balance(X, treated, weights) if before is not None else None
+        adjustments[name] = _Adjustment(
+            weights=weights if name == "iptw" else None, strata=strata,
+            max_smd=max_abs_smd(after) if after is not None else math.nan,
+            ess=_arm_ess(weights, treated),
+        )
+        if after is not None:
+            result.balance[name] = {
+                "mean_treated_before": before.mean_treated,
+                "mean_comparator_before": before.mean_comparator,
+                "smd_before": before.smd,
+                "mean_treated_after": after.mean_treated,
+                "mean_comparator_after": after.mean_comparator,
+                "smd_after": after.smd,
+            }
+    for outcome, data in outcomes.items():
+        keep = ~data.prior if exclude_prior_outcome else np.ones(treated.shape[0], bool)
+        for name in estimators:
+            adjustment = adjustments[name]
+            row = _estimate(name, adjustment, data, treated, keep)
+            row.update(outcome=outcome, role=data.role, estimator=name)
+            result.estimates.append(row)
+            result.diagnostics.append(_diagnostics(
+                outcome, name, adjustment, row, smd_before, result.propensity.get("auc"),
+                result.propensity.get("c"), pref_equipoise, X.shape[1], thresholds,
+            ))
+    return result
+
+
+def _arm_ess(weights: np.ndarray | None, treated: np.ndarray) -> tuple[float, float]:
+    arm = treated == 1
+    if weights is None:
+        return float(arm.sum()), float((~arm).sum())
+    return effective_sample_size(weights[arm]), effective_sample_size(weights[~arm])
+
+
+def _estimate(
+    name: str, adjustment: _Adjustment | EstimationError, data: OutcomeInput,
+    treated: np.ndarray, keep: np.ndarray,
+) -> dict:
+    t, time, event = treated[keep], data.time[keep], data.event[keep]
+    arm = t == 1
+    row = {
+        "measure": "hr",
+        "n_treated": int(arm.sum()), "n_comparator": int((~arm).sum()),
+        "events_treated": int(event[arm].sum()), "events_comparator": int(event[~arm].sum()),
+        "person_days_treated": int(time[arm].sum()),
+        "person_days_comparator": int(time[~arm].sum()),
+        "status": "ok", "message": None,
+    }
+    try:
+        if isinstance(adjustment, EstimationError):
+            raise adjustment
+        if name == "crude":
+            effect = crude_hr(time, event, t)
+        elif name == "iptw":
+            effect = iptw_hr(time, event, t, adjustment.weights[keep])
+        else:
+            effect = stratified_hr(time, event, t, adjustment.strata[keep])
+    except EstimationError as exc:
+        row.update(status="failed", message=str(exc))
+        return row
+    row.update(_effect_columns(effect))
+    return row
+
+
+def _effect_columns(effect: EffectEstimate) -> dict:
+    return {
+        "estimand": effect.estimand, "estimate": effect.estimate, "ci_low": effect.ci_low,
+        "ci_high": effect.ci_high, "se": effect.se, "p_value": effect.p_value,
+    }
+
+
+def _diagnostics(
+    outcome: str, name: str, adjustment: _Adjustment | EstimationError, row: dict,
+    smd_before: float, auc: float | None, c: float | None, pref_equipoise: float,
+    n_covariates: int, thresholds: Thresholds,
+) -> dict:
+    events = row["events_treated"] + row["events_comparator"]
+    detectable = mdrr(row["n_treated"], row["n_comparator"], events)
+    failed = isinstance(adjustment, EstimationError)
+    smd_after = math.nan if failed else adjustment.max_smd
+    ess = (math.nan, math.nan) if failed else adjustment.ess
+    gates = {
+        "smd_pass": bool(smd_after <= thresholds.max_smd),
+        "equipoise_pass": bool(math.isnan(pref_equipoise)
+                               or pref_equipoise >= thresholds.min_equipoise),
+        "mdrr_pass": bool(detectable <= thresholds.max_mdrr),
+    }
+    reasons = []
+    if failed:
+        reasons.append(f"not estimable: {adjustment}")
+    elif not gates["smd_pass"]:
+        reasons.append(
+            f"covariate imbalance: max |SMD| {smd_after:.3f} > {thresholds.max_smd:g}"
+            if not math.isnan(smd_after) else "covariate balance not measurable"
+        )
+    if not gates["equipoise_pass"]:
+        reasons.append(
+            f"low equipoise: {pref_equipoise:.2f} < {thresholds.min_equipoise:g} of persons "
+            "with preference score in [0.3, 0.7]"
+        )
+    if not gates["mdrr_pass"]:
+        reasons.append(f"underpowered: MDRR {detectable:.2f} > {thresholds.max_mdrr:g}")
+    if row["status"] != "ok" and not failed:
+        reasons.append(f"estimate failed: {row['message']}")
+    return {
+        "outcome": outcome, "estimator": name,
+        "n_treated": row["n_treated"], "n_comparator": row["n_comparator"],
+        "n_covariates": n_covariates, "ps_auc": auc, "ps_c": c, "equipoise": pref_equipoise,
+        "max_abs_smd_before": smd_before, "max_abs_smd_after": smd_after,
+        "ess_treated": ess[0], "ess_comparator": ess[1], "mdrr": detectable,
+        "max_smd_threshold": thresholds.max_smd,
+        "min_equipoise_threshold": thresholds.min_equipoise,
+        "max_mdrr_threshold": thresholds.max_mdrr,
+        **gates, "passed": not reasons, "reasons": "; ".join(reasons) or None,
+    }

@@ -1,0 +1,168 @@
+"""The `cohortflow` command: demo, validate, run, query.
+
+Input problems (bad study file, unusable source, bad query) print one line naming the file and
+field and exit with code 2; nothing already in the result store is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from cohort.source import SourceError
+from flows.config import StudyFileError, load_study
+from results.store import StoreError
+
+INPUT_ERRORS = (StudyFileError, SourceError, StoreError, LookupError)
+DEFAULT_RESULTS = "data/results.duckdb"
+
+
+def _quiet_prefect(verbose: bool, quiet: bool) -> None:
+    """Prefect settings for a machine without a server or internet (set before importing it)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    level = "DEBUG" if verbose else "WARNING" if quiet else "INFO"
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", level)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from flows.pipeline import preflight
+
+    for file in args.files:
+        study = load_study(file)
+        if not args.no_source:
+            preflight(study)
+        print(f"{file}: ok (study {study.config.study}, {len(study.config.treatments)} "
+              f"treatment(s), {len(study.config.outcomes)} outcome(s), "
+              f"{len(study.config.negative_controls)} negative control(s))")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    run = _run(args.file, args)
+    _print_summary(run, args)
+    return 0
+
+
+def _run(study_file: str, args: argparse.Namespace) -> dict:
+    from flows.pipeline import preflight
+
+    study = load_study(study_file)
+    preflight(study)
+    _quiet_prefect(args.verbose, args.quiet)
+    from flows.run_study import with_workers
+
+    flow = with_workers(args.workers)
+    return flow(study_file=str(study_file), results_path=str(args.results),
+                data_dir=str(args.data_dir), show_progress=not args.quiet)
+
+
+def _print_summary(run: dict, args: argparse.Namespace, extra: Callable | None = None) -> None:
+    from results.summary import run_summary, wide_summary
+
+    if args.quiet:
+        print(run["run_id"])
+        return
+    summary = run_summary(Path(args.results), run["run_id"])
+    study = load_study(run["study_file"])
+    wide = wide_summary(summary, study.config.min_cell_count)
+    if extra is not None:
+        wide = extra(wide)
+    seconds = (run["finished_at"] - run["started_at"]).total_seconds()
+    print(f"\nrun {run['run_id']}: {run['n_comparisons']} comparison(s), "
+          f"{run['n_estimates']} estimates ({run['n_estimates_failed']} failed) "
+          f"in {seconds:.0f} s")
+    print(wide.to_string(index=False))
+    print(f"\nresults: {args.results}  (cohortflow query \"SELECT * FROM estimates WHERE "
+          f"run_id = '{run['run_id']}'\")")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.demo import add_truth, ensure_demo_data
+
+    ensure_demo_data(Path(args.data_dir) / "demo", persons=args.persons, seed=args.seed)
+    run = _run(str(args.config), args)
+    _print_summary(run, args, extra=lambda wide: add_truth(wide, Path(args.data_dir) / "demo"))
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from results.store import query
+
+    frame = query(Path(args.results), args.sql)
+    if args.format == "csv":
+        frame.to_csv(sys.stdout, index=False)
+    elif args.format == "json":
+        print(frame.to_json(orient="records", date_format="iso"))
+    else:
+        print(frame.to_string(index=False) if len(frame) else "(no rows)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cohortflow", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def run_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--results", type=Path, default=Path(DEFAULT_RESULTS),
+                       help=f"result store (default {DEFAULT_RESULTS})")
+        p.add_argument("--data-dir", type=Path, default=Path("data"),
+                       help="folder for run workspaces and demo data (default data)")
+        p.add_argument("--workers", type=int, default=2,
+                       help="comparisons analysed in parallel (default 2)")
+        p.add_argument("--quiet", action="store_true", help="print only the run id")
+        p.add_argument("--verbose", action="store_true", help="debug logs and tracebacks")
+
+    demo = sub.add_parser("demo", help="generate a synthetic CDM with planted effects and "
+                                       "run configs/demo.yaml on it")
+    demo.add_argument("--persons", type=int, default=50_000)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--config", type=Path, default=Path(__file__).parents[1] / "configs"
+                      / "demo.yaml")
+    run_options(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    validate = sub.add_parser("validate", help="check study files without running them")
+    validate.add_argument("files", nargs="+")
+    validate.add_argument("--no-source", action="store_true",
+                          help="check the file only, not its source's tables and concepts")
+    validate.add_argument("--verbose", action="store_true")
+    validate.set_defaults(func=cmd_validate)
+
+    run = sub.add_parser("run", help="run a study file and write its results")
+    run.add_argument("file")
+    run_options(run)
+    run.set_defaults(func=cmd_run)
+
+    query = sub.add_parser("query", help="read-only SQL over the result store")
+    query.add_argument("sql")
+    query.add_argument("--results", type=Path, default=Path(DEFAULT_RESULTS))
+    query.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    query.add_argument("--verbose", action="store_true")
+    query.set_defaults(func=cmd_query)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except INPUT_ERRORS as exc:
+        print(f"cohortflow: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cohortflow: interrupted; nothing of this run was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the last line of defence: one line unless --verbose
+        if getattr(args, "verbose", False):
+            raise
+        print(f"cohortflow: failed: {type(exc).__name__}: {exc} (rerun with --verbose for "
+              "details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

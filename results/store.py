@@ -1,0 +1,151 @@
+"""The result store: one DuckDB file, many runs; every table carries run_id.
+
+A run is written in a single transaction at its end, so readers see a run completely or not
+at all. DuckDB allows one writing process at a time: writers wait (with a timeout) for the
+file lock instead of failing. Readers open the file read-only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+SCHEMA_VERSION = 1
+
+TABLES: dict[str, str] = {
+    "runs": """
+        run_id VARCHAR PRIMARY KEY, study VARCHAR, description VARCHAR,
+        study_file VARCHAR, config_sha256 VARCHAR, config_json VARCHAR,
+        source_path VARCHAR, source_sha256 VARCHAR, source_fingerprint VARCHAR,
+        cdm_version VARCHAR, started_at TIMESTAMP, finished_at TIMESTAMP, status VARCHAR,
+        n_comparisons INTEGER, n_outcomes INTEGER, n_estimates INTEGER,
+        n_estimates_failed INTEGER, warnings VARCHAR, versions VARCHAR, timings VARCHAR""",
+    "attrition": """
+        run_id VARCHAR, comparison_id INTEGER, treatment VARCHAR, comparator VARCHAR,
+        outcome VARCHAR, step_index INTEGER, step VARCHAR, description VARCHAR,
+        treated_persons BIGINT, comparator_persons BIGINT""",
+    "diagnostics": """
+        run_id VARCHAR, comparison_id INTEGER, treatment VARCHAR, comparator VARCHAR,
+        outcome VARCHAR, estimator VARCHAR, n_treated BIGINT, n_comparator BIGINT,
+        n_covariates INTEGER, ps_auc DOUBLE, ps_c DOUBLE, equipoise DOUBLE,
+        max_abs_smd_before DOUBLE, max_abs_smd_after DOUBLE,
+        ess_treated DOUBLE, ess_comparator DOUBLE, mdrr DOUBLE,
+        max_smd_threshold DOUBLE, min_equipoise_threshold DOUBLE, max_mdrr_threshold DOUBLE,
+        smd_pass BOOLEAN, equipoise_pass BOOLEAN, mdrr_pass BOOLEAN, passed BOOLEAN,
+        reasons VARCHAR""",
+    "balance": """
+        run_id VARCHAR, comparison_id INTEGER, adjustment VARCHAR, covariate_id BIGINT,
+        covariate_name VARCHAR, analysis VARCHAR, concept_id BIGINT,
+        mean_treated_before DOUBLE, mean_comparator_before DOUBLE, smd_before DOUBLE,
+        mean_treated_after DOUBLE, mean_comparator_after DOUBLE, smd_after DOUBLE""",
+    "estimates": """
+        run_id VARCHAR, comparison_id INTEGER, treatment VARCHAR, comparator VARCHAR,
+        outcome VARCHAR, role VARCHAR, estimator VARCHAR, measure VARCHAR, estimand VARCHAR,
+        estimate DOUBLE, ci_low DOUBLE, ci_high DOUBLE, se DOUBLE, p_value DOUBLE,
+        calibrated_estimate DOUBLE, calibrated_ci_low DOUBLE, calibrated_ci_high DOUBLE,
+        calibrated_p_value DOUBLE,
+        n_treated BIGINT, n_comparator BIGINT, events_treated BIGINT,
+        events_comparator BIGINT, person_days_treated BIGINT, person_days_comparator BIGINT,
+        treatment_concept_ids BIGINT[], comparator_concept_ids BIGINT[],
+        outcome_concept_ids BIGINT[], status VARCHAR, message VARCHAR""",
+}
+RUN_TABLES = tuple(TABLES)
+
+
+class StoreError(Exception):
+    """The result store cannot be opened or written; the message says why."""
+
+
+def columns(table: str) -> list[str]:
+    """Column names of a store table, in order."""
+    return [part.split()[0] for part in TABLES[table].split(",") if part.strip()]
+
+
+@contextmanager
+def open_store(
+    path: str | Path, *, read_only: bool = False, wait_seconds: float = 300.0
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Connect to the store; a writer waits while another process holds the file lock."""
+    path = Path(path)
+    if read_only and not path.exists():
+        raise StoreError(f"{path}: no result store here yet (run a study first)")
+    if not read_only:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_seconds
+    delay = 0.05
+    while True:
+        try:
+            con = duckdb.connect(str(path), read_only=read_only)
+            break
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise StoreError(f"{path}: cannot open the result store ({exc})") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        except duckdb.Error as exc:
+            raise StoreError(f"{path}: not a readable result store ({exc})") from None
+    try:
+        if not read_only:
+            _ensure_schema(con)
+        yield con
+    finally:
+        con.close()
+
+
+def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("CREATE TABLE IF NOT EXISTS schema_info (version INTEGER)")
+    if not con.execute("SELECT version FROM schema_info").fetchall():
+        con.execute("INSERT INTO schema_info VALUES (?)", [SCHEMA_VERSION])
+    for table, ddl in TABLES.items():
+        con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({ddl})")
+
+
+def write_run(path: str | Path, run: dict, tables: dict[str, pd.DataFrame]) -> None:
+    """Write one run's rows to every table in a single transaction (replacing that run_id)."""
+    run_id = run["run_id"]
+    frames = {"runs": pd.DataFrame([_run_row(run)])}
+    for table in RUN_TABLES[1:]:
+        frame = tables.get(table, pd.DataFrame())
+        frame = frame.assign(run_id=run_id).reindex(columns=columns(table))
+        frames[table] = frame
+    with open_store(path) as con:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for table, frame in frames.items():
+                con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+                if len(frame):
+                    con.register("incoming", frame)
+                    con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming")
+                    con.unregister("incoming")
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+
+def _run_row(run: dict) -> dict:
+    row = {name: run.get(name) for name in columns("runs")}
+    for name in ("source_fingerprint", "warnings", "versions", "timings", "config_json"):
+        if row[name] is not None and not isinstance(row[name], str):
+            row[name] = json.dumps(row[name], sort_keys=True, default=str)
+    return row
+
+
+def query(path: str | Path, sql: str) -> pd.DataFrame:
+    """Run a read-only query against the store (writes are refused by DuckDB)."""
+    with open_store(path, read_only=True) as con:
+        try:
+            return con.execute(sql).df()
+        except duckdb.Error as exc:
+            message = str(exc).splitlines()[0]
+            if "read-only" in message.lower() or "read only" in message.lower():
+                raise StoreError(
+                    f"the result store is opened read-only; queries cannot modify it ({message})"
+                ) from None
+            raise StoreError(f"query failed: {message}") from None

@@ -1,0 +1,74 @@
+"""Readable summaries of a run from the store: one line per comparison and outcome.
+
+Counts below the study's min_cell_count are masked ("<5") in everything shown to people; the
+store itself keeps exact counts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from results.store import open_store
+
+
+def mask_counts(frame: pd.DataFrame, columns: list[str], min_cell_count: int) -> pd.DataFrame:
+    """Replace counts in (0, min_cell_count) by "<min_cell_count" for display or export."""
+    masked = frame.copy()
+    for column in columns:
+        values = masked[column]
+        small = values.notna() & (values > 0) & (values < min_cell_count)
+        masked[column] = values.astype("Int64").astype(str).where(~small, f"<{min_cell_count}")
+    return masked
+
+
+def latest_run_id(results: Path, study: str | None = None) -> str:
+    """The most recently finished run (of a study, if given)."""
+    with open_store(results, read_only=True) as con:
+        rows = con.execute(
+            "SELECT run_id FROM runs WHERE status = 'completed' AND (? IS NULL OR study = ?) "
+            "ORDER BY finished_at DESC LIMIT 1", [study, study],
+        ).fetchall()
+    if not rows:
+        raise LookupError(f"{results}: no completed run" + (f" of study {study}" if study else ""))
+    return rows[0][0]
+
+
+def run_summary(results: Path, run_id: str) -> pd.DataFrame:
+    """Per comparison x outcome: each estimator's HR with CI, diagnostics verdict, counts."""
+    with open_store(results, read_only=True) as con:
+        frame = con.execute("""
+            SELECT e.comparison_id, e.treatment, e.comparator, e.outcome, e.role, e.estimator,
+                   e.estimate, e.ci_low, e.ci_high, e.p_value, e.status, e.message,
+                   e.n_treated, e.n_comparator, e.events_treated, e.events_comparator,
+                   d.passed, d.reasons, d.max_abs_smd_after, d.equipoise, d.mdrr
+            FROM estimates e
+            LEFT JOIN diagnostics d USING (run_id, comparison_id, outcome, estimator)
+            WHERE e.run_id = ?
+            ORDER BY e.outcome, e.treatment, e.estimator
+        """, [run_id]).df()
+    return frame
+
+
+def format_hr(row: pd.Series) -> str:
+    """'0.52 (0.41-0.66)', or the failure reason."""
+    if row["status"] != "ok":
+        return f"failed: {row['message']}"
+    return f"{row['estimate']:.2f} ({row['ci_low']:.2f}-{row['ci_high']:.2f})"
+
+
+def wide_summary(summary: pd.DataFrame, min_cell_count: int) -> pd.DataFrame:
+    """One row per comparison x outcome with a column per estimator, counts masked."""
+    keys = ["treatment", "comparator", "outcome", "role"]
+    summary = summary.assign(hr=summary.apply(format_hr, axis=1))
+    wide = summary.pivot_table(index=keys, columns="estimator", values="hr",
+                               aggfunc="first").reset_index()
+    counts = (summary.groupby(keys, as_index=False)
+              .agg(n_treated=("n_treated", "max"), n_comparator=("n_comparator", "max"),
+                   events_treated=("events_treated", "max"),
+                   events_comparator=("events_comparator", "max")))
+    wide = wide.merge(counts, on=keys)
+    wide.columns.name = None
+    return mask_counts(wide, ["n_treated", "n_comparator", "events_treated",
+                              "events_comparator"], min_cell_count)
