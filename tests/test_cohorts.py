@@ -1,6 +1,6 @@
 """Cohort rules on a hand-made CDM: every expected person, date, time and count worked by hand.
 
-Drugs: T (treatment, 101) and C (comparator, 102). Outcome O (201) with a child concept 202.
+Drugs: T (treatment, 101) and C (comparator, 102). Outcome OUT (201) with a child concept 202.
 Persons (observation periods and eras are chosen so each one tests a rule):
   1  T user, index 2012-01-01, event 2013-01-01            -> treated, time 367, event
   2  C user, index 2011-06-01, event on day 0 (child code)  -> comparator, time 1, event
@@ -29,7 +29,7 @@ from cohort.prepare import prepare_study
 from cohort.source import SourceError, open_source
 from tests.tiny_cdm import concepts, d, write_cdm
 
-T, C, O, O_CHILD, COND, OTHER_DRUG = 101, 102, 201, 202, 301, 401
+T, C, OUT, OUT_CHILD, COND, OTHER_DRUG = 101, 102, 201, 202, 301, 401
 
 
 def tiny_cdm(folder: Path) -> Path:
@@ -62,24 +62,25 @@ def tiny_cdm(folder: Path) -> Path:
             (11, T, d("2012-12-01"), d("2013-01-15")), (11, C, d("2013-03-01"), d("2013-04-01")),
         ],
         condition_occurrence=[
-            (1, O, d("2013-01-01")), (1, O, d("2014-01-01")),
+            (1, OUT, d("2013-01-01")), (1, OUT, d("2014-01-01")),
             (1, COND, d("2011-12-15")), (1, COND, d("2012-01-01")),
-            (2, O_CHILD, d("2011-06-01")),
-            (6, O, d("2010-06-01")), (6, O, d("2012-01-01")),
-            (9, O, d("2014-12-31")),
+            (2, OUT_CHILD, d("2011-06-01")),
+            (6, OUT, d("2010-06-01")), (6, OUT, d("2012-01-01")),
+            (9, OUT, d("2014-12-31")),
         ],
         concept=concepts((T, "drug T", "Drug"), (C, "drug C", "Drug"),
-                         (O, "outcome O", "Condition"), (O_CHILD, "outcome O child", "Condition"),
+                         (OUT, "outcome O", "Condition"),
+                         (OUT_CHILD, "outcome O child", "Condition"),
                          (COND, "condition X", "Condition"), (OTHER_DRUG, "drug Y", "Drug"),
                          (8507, "MALE", "Gender"), (8532, "FEMALE", "Gender")),
-        concept_ancestor=[(T, T), (C, C), (O, O), (O, O_CHILD), (O_CHILD, O_CHILD)],
+        concept_ancestor=[(T, T), (C, C), (OUT, OUT), (OUT, OUT_CHILD), (OUT_CHILD, OUT_CHILD)],
     )
 
 
 def design(**changes) -> CohortDesign:
     base = dict(
         concept_sets={"t": ConceptSetDef("t", (T,)), "c": ConceptSetDef("c", (C,)),
-                      "o": ConceptSetDef("o", (O,))},
+                      "o": ConceptSetDef("o", (OUT,))},
         exposure_table="drug_era", comparisons=(("t", "c"),),
         prior_observation_days=365, washout_days=365, min_age=18,
         outcomes=(OutcomeDef("o"),), risk_start_day=0, risk_end_day=None,
@@ -117,7 +118,7 @@ def test_attrition_counts_every_rule(prepared):
 
 
 def test_cohort_members_dates_and_times(prepared, tmp_path):
-    result, cohort = prepared()
+    _, cohort = prepared()
     cohort = cohort.sort_values("person_id").set_index("person_id")
     assert list(cohort.index) == [1, 2, 6, 9, 10, 11]
     assert list(cohort["treated"]) == [True, False, False, False, True, True]
@@ -182,7 +183,7 @@ def test_min_prevalence_drops_rare_covariates(prepared, tmp_path):
 
 def test_descendants_can_be_switched_off(prepared, tmp_path):
     sets = {"t": ConceptSetDef("t", (T,)), "c": ConceptSetDef("c", (C,)),
-            "o": ConceptSetDef("o", (O,), descendants=False)}
+            "o": ConceptSetDef("o", (OUT,), descendants=False)}
     prepared(concept_sets=sets)
     data = load_comparison(tmp_path / "ws", 1, [1])
     assert data.outcomes[1].event[1] == 0  # person 2's event was recorded on the child concept
@@ -190,7 +191,7 @@ def test_descendants_can_be_switched_off(prepared, tmp_path):
 
 def test_exclude_removes_concepts(prepared, tmp_path):
     sets = {"t": ConceptSetDef("t", (T,)), "c": ConceptSetDef("c", (C,)),
-            "o": ConceptSetDef("o", (O,), exclude=(O_CHILD,))}
+            "o": ConceptSetDef("o", (OUT,), exclude=(OUT_CHILD,))}
     prepared(concept_sets=sets)
     data = load_comparison(tmp_path / "ws", 1, [1])
     events = data.outcomes[1].event
@@ -201,7 +202,7 @@ def test_exclude_removes_concepts(prepared, tmp_path):
 def test_unknown_concept_id_is_named(tmp_path):
     source = open_source(tiny_cdm(tmp_path / "cdm"))
     sets = {"t": ConceptSetDef("t", (T,)), "c": ConceptSetDef("c", (999999,)),
-            "o": ConceptSetDef("o", (O,))}
+            "o": ConceptSetDef("o", (OUT,))}
     with pytest.raises(SourceError, match=r"not in the source's concept table \(c: 999999\)"):
         prepare_study(source, design(concept_sets=sets), tmp_path / "ws")
 
