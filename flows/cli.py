@@ -83,9 +83,10 @@ def _print_summary(run: dict, args: argparse.Namespace, extra: Callable | None =
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import add_truth, ensure_demo_data
 
-    ensure_demo_data(Path(args.data_dir) / "demo", persons=args.persons, seed=args.seed)
+    cdm = load_study(args.config).source_path  # the demo study says where its data lives
+    ensure_demo_data(cdm, persons=args.persons, seed=args.seed)
     run = _run(str(args.config), args)
-    _print_summary(run, args, extra=lambda wide: add_truth(wide, Path(args.data_dir) / "demo"))
+    _print_summary(run, args, extra=lambda wide: add_truth(wide, cdm))
     return 0
 
 

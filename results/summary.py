@@ -59,16 +59,26 @@ def format_hr(row: pd.Series) -> str:
 
 
 def wide_summary(summary: pd.DataFrame, min_cell_count: int) -> pd.DataFrame:
-    """One row per comparison x outcome with a column per estimator, counts masked."""
+    """One row per comparison x outcome with a column per estimator, counts masked.
+
+    Outcomes of interest come before negative controls; within an outcome, treatments are
+    ranked by the primary adjusted estimate (IPTW if run, else the first estimator), most
+    protective first.
+    """
     keys = ["treatment", "comparator", "outcome", "role"]
     summary = summary.assign(hr=summary.apply(format_hr, axis=1))
     wide = summary.pivot_table(index=keys, columns="estimator", values="hr",
                                aggfunc="first").reset_index()
+    primary = "iptw" if "iptw" in set(summary["estimator"]) else summary["estimator"].iloc[0]
     counts = (summary.groupby(keys, as_index=False)
               .agg(n_treated=("n_treated", "max"), n_comparator=("n_comparator", "max"),
                    events_treated=("events_treated", "max"),
                    events_comparator=("events_comparator", "max")))
-    wide = wide.merge(counts, on=keys)
+    rank = summary.loc[summary["estimator"] == primary, [*keys, "estimate"]]
+    wide = wide.merge(counts, on=keys).merge(rank, on=keys, how="left")
+    wide = wide.assign(_interest=wide["role"] != "outcome").sort_values(
+        ["_interest", "outcome", "estimate"], na_position="last"
+    ).drop(columns=["_interest", "estimate"])
     wide.columns.name = None
     return mask_counts(wide, ["n_treated", "n_comparator", "events_treated",
-                              "events_comparator"], min_cell_count)
+                              "events_comparator"], min_cell_count).reset_index(drop=True)

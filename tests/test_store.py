@@ -1,0 +1,95 @@
+"""The result store: whole runs in one transaction, read-only queries, masking, one writer."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pytest
+
+from flows.cli import main
+from results.store import StoreError, columns, open_store, query, write_run
+from results.summary import mask_counts
+
+ROOT = Path(__file__).parents[1]
+
+
+def estimates(run_id: str, n: int) -> pd.DataFrame:
+    return pd.DataFrame({"comparison_id": range(n), "treatment": "t", "comparator": "c",
+                         "outcome": "o", "estimator": "crude", "estimate": 1.5,
+                         "status": "ok", "run_id": "ignored"})
+
+
+def test_write_run_replaces_a_run_whole(tmp_path):
+    path = tmp_path / "r.duckdb"
+    write_run(path, {"run_id": "a", "status": "completed", "timings": {"x": 1}},
+              {"estimates": estimates("a", 3)})
+    write_run(path, {"run_id": "b", "status": "completed"}, {"estimates": estimates("b", 2)})
+    write_run(path, {"run_id": "a", "status": "completed"}, {"estimates": estimates("a", 1)})
+    counts = dict(query(path, "SELECT run_id, count(*) FROM estimates GROUP BY 1").values)
+    assert counts == {"a": 1, "b": 2}
+    assert query(path, "SELECT count(*) AS n FROM runs")["n"][0] == 2
+    assert list(query(path, "SELECT * FROM estimates LIMIT 0").columns) == columns("estimates")
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    path = tmp_path / "r.duckdb"
+    write_run(path, {"run_id": "a", "status": "completed"}, {"estimates": estimates("a", 2)})
+    bad = estimates("b", 2).assign(comparison_id=["not", "integers"])
+    with pytest.raises(duckdb.Error):
+        write_run(path, {"run_id": "b", "status": "completed"}, {"estimates": bad})
+    assert query(path, "SELECT DISTINCT run_id FROM runs")["run_id"].tolist() == ["a"]
+    assert query(path, "SELECT count(*) AS n FROM estimates")["n"][0] == 2
+
+
+def test_query_is_read_only(tmp_path, capsys):
+    path = tmp_path / "r.duckdb"
+    write_run(path, {"run_id": "a", "status": "completed"}, {})
+    assert main(["query", "DROP TABLE runs", "--results", str(path)]) == 2
+    assert "read-only" in capsys.readouterr().err
+    assert main(["query", "SELECT run_id FROM runs", "--results", str(path),
+                 "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["run_id", "a"]
+    assert main(["query", "SELECT 1", "--results", str(tmp_path / "none.duckdb")]) == 2
+    assert "no result store here yet" in capsys.readouterr().err
+
+
+def test_mask_counts():
+    frame = pd.DataFrame({"n": [0, 3, 5, 120], "other": [1, 2, 3, 4]})
+    masked = mask_counts(frame, ["n"], 5)
+    assert masked["n"].tolist() == ["0", "<5", "5", "120"]
+    assert masked["other"].tolist() == [1, 2, 3, 4]
+
+
+def test_writer_waits_for_the_lock(tmp_path):
+    path = tmp_path / "r.duckdb"
+    with open_store(path):
+        pass
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import duckdb, time, sys; c = duckdb.connect(sys.argv[1]); print('held', flush=True);"
+         " time.sleep(2); c.close()", str(path)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    started = time.monotonic()
+    write_run(path, {"run_id": "late", "status": "completed"}, {})
+    waited = time.monotonic() - started
+    holder.wait(timeout=30)
+    assert waited > 0.5
+    assert query(path, "SELECT run_id FROM runs")["run_id"].tolist() == ["late"]
+    with pytest.raises(StoreError, match="cannot open"):
+        holder = subprocess.Popen(
+            [sys.executable, "-c",
+             "import duckdb, time, sys; c = duckdb.connect(sys.argv[1]); print('held',"
+             " flush=True); time.sleep(3)", str(path)], stdout=subprocess.PIPE, text=True)
+        holder.stdout.readline()
+        try:
+            with open_store(path, wait_seconds=0.3):
+                pass
+        finally:
+            holder.kill()
