@@ -8,6 +8,7 @@ vector, propensity scores) and returns arrays or numbers. Conventions follow OHD
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -87,7 +88,7 @@ def as_treated(treated: np.ndarray, n: int | None = None) -> np.ndarray:
     return t.astype(np.int8)
 
 
-def _as_covariates(X) -> sp.csr_matrix | np.ndarray:
+def as_covariates(X) -> sp.csr_matrix | np.ndarray:
     """Return X as float64 CSR (if sparse) or a float64 2-D array; reject NaN/inf."""
     if sp.issparse(X):
         if X.ndim != 2:
@@ -118,7 +119,7 @@ def _check_arms(t: np.ndarray, minimum: int) -> tuple[int, int]:
     return n1, n0
 
 
-def _check_ps(ps: np.ndarray, n: int, *, open_interval: bool) -> np.ndarray:
+def check_ps(ps: np.ndarray, n: int, *, open_interval: bool) -> np.ndarray:
     ps = np.asarray(ps, dtype=np.float64)
     if ps.ndim != 1 or ps.shape[0] != n:
         raise EstimationError(f"propensity scores must be a vector of length {n}")
@@ -183,11 +184,18 @@ def default_grid(X, treated: np.ndarray) -> np.ndarray:
     return lmax * 10.0 ** (-np.arange(steps + 1) / DEFAULT_GRID_PER_DECADE)
 
 
-def _model(C: float, seed: int) -> LogisticRegression:
-    return LogisticRegression(
+_LIBLINEAR_LOCK = threading.Lock()
+"""scikit-learn's liblinear draws its coordinate order from one process-global RNG, so fits in
+concurrent threads perturb each other's results; serialising them keeps fits reproducible."""
+
+
+def _fit_liblinear(C: float, seed: int, X, y: np.ndarray) -> LogisticRegression:
+    model = LogisticRegression(
         l1_ratio=1.0, solver="liblinear", C=C, intercept_scaling=INTERCEPT_SCALING,
         tol=LIBLINEAR_TOL, max_iter=LIBLINEAR_MAX_ITER, random_state=seed,
     )
+    with _LIBLINEAR_LOCK:
+        return model.fit(X, y)
 
 
 def _linear_predictor(X, coef: np.ndarray, intercept: float) -> np.ndarray:
@@ -214,7 +222,7 @@ def fit_propensity(
     The grid is of per-sample penalties lambda (C = 1/(n_train * lambda)), so it means the same at
     any n; CV runs on a stratified subsample, the final fit on all rows (arms capped per arm).
     """
-    X = _as_covariates(X)
+    X = as_covariates(X)
     t = as_treated(treated, X.shape[0])
     _check_arms(t, max(MIN_PERSONS_PER_ARM, n_folds))
     if n_folds < 2:
@@ -245,7 +253,7 @@ def fit_propensity(
     for k, lam in enumerate(lambdas):
         total = 0.0
         for Xtr, ytr, Xte, yte in folds:
-            m = _model(1.0 / (ytr.shape[0] * lam), seed).fit(Xtr, ytr)
+            m = _fit_liblinear(1.0 / (ytr.shape[0] * lam), seed, Xtr, ytr)
             total += _sum_log_loss(yte, _linear_predictor(Xte, m.coef_[0], m.intercept_[0]))
         losses.append(total / n_cv)
         if losses[k] < losses[best]:
@@ -258,7 +266,7 @@ def fit_propensity(
     fit_idx = _cap_per_arm(t, max_fit_rows, rng)
     Xf, tf = (X, t) if fit_idx is None else (X[fit_idx], t[fit_idx])
     C = 1.0 / (tf.shape[0] * lam)
-    model = _model(C, seed).fit(Xf, tf)
+    model = _fit_liblinear(C, seed, Xf, tf)
     coef = model.coef_[0].copy()
     intercept = float(model.intercept_[0])
     if fit_idx is not None:
@@ -315,7 +323,7 @@ def preference_score(ps: np.ndarray, treated: np.ndarray) -> np.ndarray:
     It removes the effect of the arms' relative sizes so 0.5 means 'as likely as average'.
     """
     t = as_treated(treated)
-    ps = _check_ps(ps, t.shape[0], open_interval=False)
+    ps = check_ps(ps, t.shape[0], open_interval=False)
     share = float(t.mean()) if t.size else math.nan
     if not 0.0 < share < 1.0:
         raise EstimationError("the preference score needs persons in both arms")
@@ -339,7 +347,7 @@ def ps_strata(ps: np.ndarray, n_strata: int = 5) -> np.ndarray:
     ps = np.asarray(ps, dtype=np.float64)
     if ps.ndim != 1 or ps.size == 0:
         raise EstimationError("propensity scores must be a non-empty vector")
-    _check_ps(ps, ps.shape[0], open_interval=False)
+    check_ps(ps, ps.shape[0], open_interval=False)
     if n_strata < 1:
         raise EstimationError(f"n_strata must be at least 1, got {n_strata}")
     cuts = np.quantile(ps, np.arange(1, n_strata) / n_strata)
@@ -357,7 +365,7 @@ def iptw_weights(
     arm's share; stabilised ATT multiplies comparators by (1-P)/P; ATO weights are left as is.
     """
     t = as_treated(treated)
-    ps = _check_ps(ps, t.shape[0], open_interval=estimand != "ATO")
+    ps = check_ps(ps, t.shape[0], open_interval=estimand != "ATO")
     tr = t == 1
     share = float(t.mean()) if t.size else math.nan
     if stabilized and estimand != "ATO" and not 0.0 < share < 1.0:

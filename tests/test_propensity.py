@@ -230,3 +230,21 @@ def test_effective_sample_size_hand_computed():
     assert effective_sample_size(np.array([1.0, 1.0, 2.0, 4.0])) == pytest.approx(64 / 22)
     assert effective_sample_size(np.ones(7)) == pytest.approx(7)
     assert effective_sample_size(np.zeros(3)) == 0.0
+
+
+def test_fits_in_concurrent_threads_are_reproducible():
+    """liblinear's RNG is process-global: concurrent fits must not perturb each other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(5)
+    data = []
+    for _ in range(4):
+        X = sp.random(3000, 200, density=0.05, format="csr", random_state=rng)
+        X.data[:] = 1.0
+        logit = X[:, :20] @ rng.normal(0, 1, 20) - 0.3
+        data.append((X, (rng.random(3000) < 1 / (1 + np.exp(-logit))).astype(int)))
+    alone = [fit_propensity(X, t, seed=i).ps for i, (X, t) in enumerate(data)]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda i: fit_propensity(*data[i], seed=i).ps, range(4)))
+    for a, b in zip(alone, together, strict=True):
+        np.testing.assert_array_equal(a, b)
