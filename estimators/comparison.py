@@ -1,8 +1,9 @@
 """Analyse one treatment-comparator comparison: one propensity fit, every outcome, every estimator.
 
-Arrays in, rows out. A failure of one outcome or estimator becomes a row with status "failed"
-and the reason; the rest of the comparison still runs. Balance is measured on the whole
-comparison cohort (the population the propensity model was fitted on).
+Arrays in, rows out: estimates and the diagnostic values (balance, equipoise, ESS, MDRR) that
+the evidence layer judges against the study's gates. A failure of one outcome or estimator
+becomes a row with status "failed" and the reason; the rest of the comparison still runs.
+Balance is measured on the whole comparison cohort (the population the PS model was fitted on).
 """
 
 from __future__ import annotations
@@ -32,15 +33,6 @@ N_STRATA = 5
 
 
 @dataclass(frozen=True)
-class Thresholds:
-    """Diagnostic gates a comparison must pass before its estimates are trusted."""
-
-    max_smd: float = 0.1
-    min_equipoise: float = 0.2
-    max_mdrr: float = 10.0
-
-
-@dataclass(frozen=True)
 class OutcomeInput:
     """One outcome's arrays over the comparison's persons."""
 
@@ -48,6 +40,7 @@ class OutcomeInput:
     event: np.ndarray
     prior: np.ndarray
     role: str = "outcome"
+    true_effect_size: float | None = None   # known truth for controls (1 for negatives)
 
 
 @dataclass
@@ -75,7 +68,6 @@ def analyze_comparison(
     *,
     estimators: Sequence[str] = ESTIMATORS,
     exclude_prior_outcome: bool = True,
-    thresholds: Thresholds = Thresholds(),
     seed: int = 0,
 ) -> ComparisonResult:
     """Fit the propensity model once, then every estimator on every outcome."""
@@ -127,11 +119,13 @@ def analyze_comparison(
         for name in estimators:
             adjustment = adjustments[name]
             row = _estimate(name, adjustment, data, treated, keep)
-            row.update(outcome=outcome, role=data.role, estimator=name)
+            row.update(outcome=outcome, role=data.role, estimator=name,
+                       true_effect_size=1.0 if data.role == "negative_control"
+                       else data.true_effect_size)
             result.estimates.append(row)
             result.diagnostics.append(_diagnostics(
                 outcome, name, adjustment, row, smd_before, result.propensity.get("auc"),
-                result.propensity.get("c"), pref_equipoise, X.shape[1], thresholds,
+                result.propensity.get("c"), pref_equipoise, X.shape[1],
             ))
     return result
 
@@ -183,44 +177,17 @@ def _effect_columns(effect: EffectEstimate) -> dict:
 def _diagnostics(
     outcome: str, name: str, adjustment: _Adjustment | EstimationError, row: dict,
     smd_before: float, auc: float | None, c: float | None, pref_equipoise: float,
-    n_covariates: int, thresholds: Thresholds,
+    n_covariates: int,
 ) -> dict:
     events = row["events_treated"] + row["events_comparator"]
-    detectable = mdrr(row["n_treated"], row["n_comparator"], events)
     failed = isinstance(adjustment, EstimationError)
-    smd_after = math.nan if failed else adjustment.max_smd
     ess = (math.nan, math.nan) if failed else adjustment.ess
-    gates = {
-        "smd_pass": bool(smd_after <= thresholds.max_smd),
-        "equipoise_pass": bool(math.isnan(pref_equipoise)
-                               or pref_equipoise >= thresholds.min_equipoise),
-        "mdrr_pass": bool(detectable <= thresholds.max_mdrr),
-    }
-    reasons = []
-    if failed:
-        reasons.append(f"not estimable: {adjustment}")
-    elif not gates["smd_pass"]:
-        reasons.append(
-            f"covariate imbalance: max |SMD| {smd_after:.3f} > {thresholds.max_smd:g}"
-            if not math.isnan(smd_after) else "covariate balance not measurable"
-        )
-    if not gates["equipoise_pass"]:
-        reasons.append(
-            f"low equipoise: {pref_equipoise:.2f} < {thresholds.min_equipoise:g} of persons "
-            "with preference score in [0.3, 0.7]"
-        )
-    if not gates["mdrr_pass"]:
-        reasons.append(f"underpowered: MDRR {detectable:.2f} > {thresholds.max_mdrr:g}")
-    if row["status"] != "ok" and not failed:
-        reasons.append(f"estimate failed: {row['message']}")
     return {
         "outcome": outcome, "estimator": name,
         "n_treated": row["n_treated"], "n_comparator": row["n_comparator"],
         "n_covariates": n_covariates, "ps_auc": auc, "ps_c": c, "equipoise": pref_equipoise,
-        "max_abs_smd_before": smd_before, "max_abs_smd_after": smd_after,
-        "ess_treated": ess[0], "ess_comparator": ess[1], "mdrr": detectable,
-        "max_smd_threshold": thresholds.max_smd,
-        "min_equipoise_threshold": thresholds.min_equipoise,
-        "max_mdrr_threshold": thresholds.max_mdrr,
-        **gates, "passed": not reasons, "reasons": "; ".join(reasons) or None,
+        "max_abs_smd_before": smd_before,
+        "max_abs_smd_after": math.nan if failed else adjustment.max_smd,
+        "ess_treated": ess[0], "ess_comparator": ess[1],
+        "mdrr": mdrr(row["n_treated"], row["n_comparator"], events),
     }

@@ -165,6 +165,14 @@ class Diagnostics(_Strict):
     max_smd: float = Field(0.1, gt=0)
     min_equipoise: float = Field(0.2, ge=0, le=1)
     max_mdrr: float = Field(10.0, gt=1)
+    max_ease: float = Field(0.25, gt=0)
+
+
+class PositiveControls(_Strict):
+    """Synthetic positive controls injected on every negative control (MethodEvaluation)."""
+
+    effect_sizes: list[Annotated[float, Field(gt=1, le=20)]] = Field(
+        default_factory=lambda: [1.5, 2.0, 4.0], min_length=1)
 
 
 class StudyConfig(_Strict):
@@ -181,6 +189,7 @@ class StudyConfig(_Strict):
     population: Population = Field(default_factory=Population)
     outcomes: list[str]
     negative_controls: list[str | ConceptId] = Field(default_factory=list)
+    positive_controls: PositiveControls | None = None
     follow_up: FollowUp = Field(default_factory=FollowUp)
     covariates: Covariates = Field(default_factory=Covariates)
     estimators: list[str] = Field(default_factory=lambda: list(SUPPORTED_ESTIMATORS))
@@ -280,6 +289,11 @@ class StudyConfig(_Strict):
         if self.comparator.active in self.treatments:
             raise ValueError(
                 f"comparator.active: {self.comparator.active!r} is also a treatment"
+            )
+        if self.positive_controls is not None and not self.negative_controls:
+            raise ValueError(
+                "positive_controls: synthetic positive controls are built from negative "
+                "controls; list some under negative_controls"
             )
         clash = set(self.outcomes) & {n for n in self.negative_controls if isinstance(n, str)}
         if clash:

@@ -22,8 +22,12 @@ from cohort.comparison_data import load_comparison
 from cohort.concepts import resolve_concept_sets
 from cohort.prepare import PreparedStudy, prepare_study, source_requirements
 from cohort.source import open_source
-from estimators.comparison import OutcomeInput, Thresholds, analyze_comparison
-from flows.config import LoadedStudy, load_study
+from estimators.comparison import OutcomeInput, analyze_comparison
+from estimators.errors import EstimationError
+from estimators.positive_controls import injected_outcomes
+from flows.config import LoadedStudy, StudyConfig, load_study
+from results.evidence import assemble_evidence
+from results.gates import Thresholds
 from results.store import write_run
 
 RESULT_TABLES = ("estimates", "diagnostics", "balance")
@@ -88,11 +92,11 @@ def analyze(study_file: str, workspace: str, comparison_id: int) -> dict:
         )
         for row in outcomes.itertuples()
     }
+    notes = _add_positive_controls(inputs, data, config, comparison_id)
     result = analyze_comparison(
         data.X, data.treated, inputs,
         estimators=config.estimators,
         exclude_prior_outcome=config.follow_up.exclude_prior_outcome,
-        thresholds=Thresholds(**config.diagnostics.model_dump()),
         seed=int(comparison_id),
     )
     out = Path(workspace) / "analysis" / f"comparison_{comparison_id}"
@@ -113,7 +117,37 @@ def analyze(study_file: str, workspace: str, comparison_id: int) -> dict:
         "n_persons": data.n,
         "n_covariates": int(data.X.shape[1]),
         "failed": sum(row["status"] != "ok" for row in result.estimates),
+        "notes": notes,
     }
+
+
+def positive_control_name(negative_control: str, effect_size: float) -> str:
+    """The outcome name of a synthetic positive control."""
+    return f"{negative_control}@hr{effect_size:g}"
+
+
+def _add_positive_controls(inputs: dict[str, OutcomeInput], data, config: StudyConfig,
+                           comparison_id: int) -> list[str]:
+    """Inject synthetic positive controls on every negative control (if the study asks)."""
+    if config.positive_controls is None:
+        return []
+    notes = []
+    sizes = config.positive_controls.effect_sizes
+    for name, control in list(inputs.items()):
+        if control.role != "negative_control":
+            continue
+        eligible = ~control.prior if config.follow_up.exclude_prior_outcome else (
+            np.ones(data.n, dtype=bool))
+        try:
+            synthetic = injected_outcomes(data.X, data.treated, control.time, control.event,
+                                          eligible, sizes, seed=int(comparison_id))
+        except EstimationError as exc:
+            notes.append(f"no positive controls from {name}: {exc}")
+            continue
+        for size, (days, event) in synthetic.items():
+            inputs[positive_control_name(name, size)] = OutcomeInput(
+                days, event, control.prior, "positive_control", true_effect_size=size)
+    return notes
 
 
 def _balance_frame(
@@ -140,6 +174,9 @@ def finalize(
     study = load_study(study_file)
     prepared = PreparedStudy.load(paths.workspace)
     tables = {name: _gather(paths.workspace, name) for name in RESULT_TABLES}
+    tables["estimates"], tables["diagnostics"] = assemble_evidence(
+        tables["estimates"], tables["diagnostics"],
+        Thresholds(**study.config.diagnostics.model_dump()))
     comparisons = prepared.comparisons.set_index("comparison_id")
     outcomes = prepared.outcomes.set_index("outcome")
     estimates = tables["estimates"]
@@ -148,7 +185,8 @@ def finalize(
             comparisons["treatment_concept_ids"])
         estimates["comparator_concept_ids"] = estimates["comparison_id"].map(
             comparisons["comparator_concept_ids"])
-        estimates["outcome_concept_ids"] = estimates["outcome"].map(outcomes["concept_ids"])
+        estimates["outcome_concept_ids"] = estimates["outcome"].str.split("@").str[0].map(
+            outcomes["concept_ids"])  # a positive control keeps its negative control's ids
     attrition = prepared.attrition.join(
         comparisons[["treatment", "comparator"]], on="comparison_id"
     )
@@ -174,7 +212,7 @@ def finalize(
         "n_estimates": len(estimates),
         "n_estimates_failed": int((estimates.get("status") != "ok").sum()) if len(estimates)
         else 0,
-        "warnings": prepared_info["warnings"],
+        "warnings": prepared_info["warnings"] + [n for a in analyses for n in a["notes"]],
         "versions": versions(),
         "timings": timings,
     }

@@ -38,7 +38,9 @@ TABLES: dict[str, str] = {
         ess_treated DOUBLE, ess_comparator DOUBLE, mdrr DOUBLE,
         max_smd_threshold DOUBLE, min_equipoise_threshold DOUBLE, max_mdrr_threshold DOUBLE,
         smd_pass BOOLEAN, equipoise_pass BOOLEAN, mdrr_pass BOOLEAN, passed BOOLEAN,
-        reasons VARCHAR""",
+        reasons VARCHAR, null_mean DOUBLE, null_sd DOUBLE, ease DOUBLE,
+        n_negative_controls INTEGER, n_positive_controls INTEGER, calibration_note VARCHAR,
+        max_ease_threshold DOUBLE, ease_pass BOOLEAN""",
     "balance": """
         run_id VARCHAR, comparison_id INTEGER, adjustment VARCHAR, covariate_id BIGINT,
         covariate_name VARCHAR, analysis VARCHAR, concept_id BIGINT,
@@ -53,9 +55,29 @@ TABLES: dict[str, str] = {
         n_treated BIGINT, n_comparator BIGINT, events_treated BIGINT,
         events_comparator BIGINT, person_days_treated BIGINT, person_days_comparator BIGINT,
         treatment_concept_ids BIGINT[], comparator_concept_ids BIGINT[],
-        outcome_concept_ids BIGINT[], status VARCHAR, message VARCHAR""",
+        outcome_concept_ids BIGINT[], status VARCHAR, message VARCHAR,
+        true_effect_size DOUBLE, calibrated_se DOUBLE, e_value DOUBLE, e_value_ci DOUBLE,
+        q_value DOUBLE, rank INTEGER""",
 }
 RUN_TABLES = tuple(TABLES)
+
+VIEWS = {
+    # Candidates that pass every diagnostic gate, best evidence first (see results.ranking).
+    "rankings": """
+        SELECT r.study, e.run_id, r.finished_at, e.outcome, e.estimator, e.rank,
+               e.treatment, e.comparator,
+               coalesce(e.calibrated_estimate, e.estimate) AS hr,
+               coalesce(e.calibrated_ci_low, e.ci_low) AS ci_low,
+               coalesce(e.calibrated_ci_high, e.ci_high) AS ci_high,
+               coalesce(e.calibrated_p_value, e.p_value) AS p_value, e.q_value,
+               e.calibrated_estimate IS NOT NULL AS calibrated,
+               e.estimate AS uncalibrated_hr, e.ci_low AS uncalibrated_ci_low,
+               e.ci_high AS uncalibrated_ci_high, e.e_value, e.e_value_ci,
+               e.n_treated, e.n_comparator, e.events_treated, e.events_comparator,
+               e.treatment_concept_ids, e.comparator_concept_ids, e.outcome_concept_ids
+        FROM estimates e JOIN runs r USING (run_id)
+        WHERE e.rank IS NOT NULL""",
+}
 
 
 class StoreError(Exception):
@@ -104,6 +126,13 @@ def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("INSERT INTO schema_info VALUES (?)", [SCHEMA_VERSION])
     for table, ddl in TABLES.items():
         con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({ddl})")
+        present = {row[0] for row in con.execute(f"DESCRIBE {table}").fetchall()}
+        for column in ddl.split(","):
+            name, kind = column.split()[0], " ".join(column.split()[1:])
+            if name not in present:  # a store written by an older cohortflow
+                con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+    for view, sql in VIEWS.items():
+        con.execute(f"CREATE OR REPLACE VIEW {view} AS {sql}")
 
 
 def write_run(path: str | Path, run: dict, tables: dict[str, pd.DataFrame]) -> None:

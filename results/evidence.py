@@ -1,0 +1,21 @@
+"""A run's evidence, assembled at the end of the run: calibrate, judge the gates, rank."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from results.calibration import calibrate_estimates
+from results.gates import Thresholds, evaluate_gates
+from results.ranking import rank_estimates
+
+
+def assemble_evidence(estimates: pd.DataFrame, diagnostics: pd.DataFrame,
+                      thresholds: Thresholds) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Calibrated estimates with E-values, q-values and ranks; diagnostics with every gate."""
+    if not len(estimates):
+        return estimates, diagnostics
+    estimates, nulls = calibrate_estimates(estimates)
+    diagnostics = evaluate_gates(
+        diagnostics.merge(nulls, on=["comparison_id", "estimator"], how="left"),
+        estimates, thresholds)
+    return rank_estimates(estimates, diagnostics), diagnostics
