@@ -107,6 +107,10 @@ BAD_FILES = [
     (GOOD + "exposure_table: drug_strength\n", r"exposure_table: Input should be 'drug_era'"),
     (GOOD.replace("comparator: {active: c}", "comparator: {active: t}"), r"is also a treatment"),
     (GOOD + "population: {require: [o]}\n", r"inclusion/exclusion criteria is not supported yet"),
+    (GOOD + "positive_controls: {effect_sizes: [2]}\n",
+     r"positive_controls: synthetic positive controls are built from negative controls"),
+    (GOOD + "negative_controls: [555]\npositive_controls: {effect_sizes: [0.5]}\n",
+     r"positive_controls\.effect_sizes\.0: Input should be greater than 1"),
 ]
 
 
@@ -167,5 +171,5 @@ def test_every_documented_key_is_known():
     documented = {"study", "description", "source", "concept_sets", "exposure_table",
                   "treatments", "comparator", "time_zero", "population", "outcomes",
                   "negative_controls", "follow_up", "covariates", "estimators", "horizon_days",
-                  "diagnostics", "min_cell_count", "schedule"}
+                  "diagnostics", "min_cell_count", "schedule", "positive_controls"}
     assert documented == set(StudyConfig.model_fields)
