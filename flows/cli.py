@@ -11,10 +11,14 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cohort.source import SourceError
 from flows.config import StudyFileError, load_study
 from results.store import StoreError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 INPUT_ERRORS = (StudyFileError, SourceError, StoreError, LookupError)
 DEFAULT_RESULTS = "data/results.duckdb"
@@ -90,17 +94,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rank(args: argparse.Namespace) -> int:
+    from results.ranking import ranked_candidates
+
+    frame = ranked_candidates(
+        Path(args.results), study=args.study, outcome=args.outcome, direction=args.direction,
+        estimator=args.estimator, top=args.top, run_id=args.run)
+    _print_frame(frame, args.format, float_format="{:.3g}".format)
+    return 0
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     from results.store import query
 
-    frame = query(Path(args.results), args.sql)
-    if args.format == "csv":
+    _print_frame(query(Path(args.results), args.sql), args.format)
+    return 0
+
+
+def _print_frame(frame: pd.DataFrame, output: str, float_format: Callable | None = None) -> None:
+    if output == "csv":
         frame.to_csv(sys.stdout, index=False)
-    elif args.format == "json":
+    elif output == "json":
         print(frame.to_json(orient="records", date_format="iso"))
     else:
-        print(frame.to_string(index=False) if len(frame) else "(no rows)")
-    return 0
+        print(frame.to_string(index=False, float_format=float_format) if len(frame)
+              else "(no rows)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("file")
     run_options(run)
     run.set_defaults(func=cmd_run)
+
+    rank = sub.add_parser("rank", help="candidates that pass diagnostics, best evidence first")
+    rank.add_argument("--study")
+    rank.add_argument("--outcome")
+    rank.add_argument("--estimator", help="e.g. iptw (default: every estimator)")
+    rank.add_argument("--direction", choices=("protective", "harmful"))
+    rank.add_argument("--top", type=int, help="at most N per study, outcome and estimator")
+    rank.add_argument("--run", help="a run id (default: the latest run of each study)")
+    rank.add_argument("--results", type=Path, default=Path(DEFAULT_RESULTS))
+    rank.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    rank.add_argument("--verbose", action="store_true")
+    rank.set_defaults(func=cmd_rank)
 
     query = sub.add_parser("query", help="read-only SQL over the result store")
     query.add_argument("sql")

@@ -9,11 +9,14 @@ the most conservative reading of each candidate's effect.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from estimators.sensitivity import benjamini_hochberg, e_value_hr
+from results.store import open_store
+from results.summary import mask_counts
 
 RARE_OUTCOME = 0.15  # VanderWeele: an HR approximates an RR when the outcome stays below 15%
 
@@ -63,3 +66,51 @@ def rank_estimates(estimates: pd.DataFrame, diagnostics: pd.DataFrame) -> pd.Dat
                  .sort_values(["evidence", "strength"], ascending=False).index)
         estimates.loc[order, "rank"] = np.arange(1, len(order) + 1)
     return estimates.drop(columns=["evidence"])
+
+
+def ranked_candidates(
+    results: Path, *, study: str | None = None, outcome: str | None = None,
+    direction: str | None = None, estimator: str | None = None, top: int | None = None,
+    run_id: str | None = None,
+) -> pd.DataFrame:
+    """Rows of the `rankings` view for the latest run of each study (or one run), filtered.
+
+    Counts below each run's min_cell_count are masked ("<5"): the output is safe to share.
+    """
+    where, params = ["e.rank IS NOT NULL"], []
+    if run_id is None:
+        where.append("""r.run_id IN (
+            SELECT arg_max(run_id, finished_at) FROM runs WHERE status = 'completed'
+            GROUP BY study)""")
+    else:
+        where.append("r.run_id = ?")
+        params.append(run_id)
+    for column, value in (("r.study", study), ("r.outcome", outcome),
+                          ("r.estimator", estimator)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    if direction == "protective":
+        where.append("r.hr < 1")
+    elif direction == "harmful":
+        where.append("r.hr > 1")
+    with open_store(results, read_only=True) as con:
+        frame = con.execute(f"""
+            SELECT r.study, r.outcome, r.estimator, r.rank, r.treatment, r.comparator,
+                   r.hr, r.ci_low, r.ci_high, r.p_value, r.q_value, r.calibrated,
+                   r.uncalibrated_hr, r.e_value, r.e_value_ci, r.n_treated, r.n_comparator,
+                   r.events_treated, r.events_comparator, r.run_id,
+                   json_extract(u.config_json, '$.min_cell_count')::INTEGER AS min_cell_count
+            FROM rankings r JOIN estimates e USING (run_id, treatment, comparator, outcome,
+                                                    estimator)
+            JOIN runs u USING (run_id)
+            WHERE {" AND ".join(where)}
+            ORDER BY r.study, r.outcome, r.estimator, r.rank
+        """, params).df()
+    if top is not None:
+        frame = frame.groupby(["study", "outcome", "estimator"]).head(top)
+    counts = ["n_treated", "n_comparator", "events_treated", "events_comparator"]
+    masked = [mask_counts(part, counts, int(cells))
+              for cells, part in frame.groupby("min_cell_count", dropna=False)] or [frame]
+    return pd.concat(masked).sort_values(["study", "outcome", "estimator", "rank"]).drop(
+        columns=["min_cell_count"]).reset_index(drop=True)
