@@ -16,6 +16,8 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
+from results.triangulation import META_COLUMNS, TRIANGULATION_VIEW, refresh_meta_analysis
+
 SCHEMA_VERSION = 1
 
 TABLES: dict[str, str] = {
@@ -60,6 +62,7 @@ TABLES: dict[str, str] = {
         q_value DOUBLE, rank INTEGER""",
 }
 RUN_TABLES = tuple(TABLES)
+DERIVED_TABLES = {"meta_analysis": META_COLUMNS}  # rebuilt per study when a run is written
 
 VIEWS = {
     # Candidates that pass every diagnostic gate, best evidence first (see results.ranking).
@@ -77,6 +80,7 @@ VIEWS = {
                e.treatment_concept_ids, e.comparator_concept_ids, e.outcome_concept_ids
         FROM estimates e JOIN runs r USING (run_id)
         WHERE e.rank IS NOT NULL""",
+    "triangulation": TRIANGULATION_VIEW,
 }
 
 
@@ -124,7 +128,7 @@ def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("CREATE TABLE IF NOT EXISTS schema_info (version INTEGER)")
     if not con.execute("SELECT version FROM schema_info").fetchall():
         con.execute("INSERT INTO schema_info VALUES (?)", [SCHEMA_VERSION])
-    for table, ddl in TABLES.items():
+    for table, ddl in {**TABLES, **DERIVED_TABLES}.items():
         con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({ddl})")
         present = {row[0] for row in con.execute(f"DESCRIBE {table}").fetchall()}
         for column in ddl.split(","):
@@ -136,7 +140,10 @@ def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def write_run(path: str | Path, run: dict, tables: dict[str, pd.DataFrame]) -> None:
-    """Write one run's rows to every table in a single transaction (replacing that run_id)."""
+    """Write one run's rows to every table in a single transaction (replacing that run_id).
+
+The study's cross-source meta-analysis is rebuilt in the same transaction.
+"""
     run_id = run["run_id"]
     frames = {"runs": pd.DataFrame([_run_row(run)])}
     for table in RUN_TABLES[1:]:
@@ -152,6 +159,8 @@ def write_run(path: str | Path, run: dict, tables: dict[str, pd.DataFrame]) -> N
                     con.register("incoming", frame)
                     con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming")
                     con.unregister("incoming")
+            if run.get("study") and run.get("status") == "completed":
+                refresh_meta_analysis(con, run["study"], run_id)
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
