@@ -104,6 +104,17 @@ def cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from results.export import export
+
+    try:
+        rows = export(Path(args.results), args.what, Path(args.out), study=args.study)
+    except ValueError as exc:
+        raise StoreError(str(exc)) from None
+    print(f"{args.out}: {rows} row(s) of {args.what} (counts below min_cell_count masked)")
+    return 0
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     from results.store import query
 
@@ -167,6 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--format", choices=("table", "csv", "json"), default="table")
     rank.add_argument("--verbose", action="store_true")
     rank.set_defaults(func=cmd_rank)
+
+    export = sub.add_parser("export", help="write a table or view for sharing, small counts "
+                                           "masked (.parquet, .csv or .json)")
+    export.add_argument("what", choices=("estimates", "diagnostics", "attrition", "rankings",
+                                         "triangulation", "meta_analysis"))
+    export.add_argument("--out", required=True)
+    export.add_argument("--study")
+    export.add_argument("--results", type=Path, default=Path(DEFAULT_RESULTS))
+    export.add_argument("--verbose", action="store_true")
+    export.set_defaults(func=cmd_export)
 
     query = sub.add_parser("query", help="read-only SQL over the result store")
     query.add_argument("sql")

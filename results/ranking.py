@@ -77,7 +77,7 @@ def ranked_candidates(
 
     Counts below each run's min_cell_count are masked ("<5"): the output is safe to share.
     """
-    where, params = ["e.rank IS NOT NULL"], []
+    where, params = [], []
     if run_id is None:
         where.append("""r.run_id IN (
             SELECT arg_max(run_id, finished_at) FROM runs WHERE status = 'completed'
@@ -101,9 +101,7 @@ def ranked_candidates(
                    r.uncalibrated_hr, r.e_value, r.e_value_ci, r.n_treated, r.n_comparator,
                    r.events_treated, r.events_comparator, r.run_id,
                    json_extract(u.config_json, '$.min_cell_count')::INTEGER AS min_cell_count
-            FROM rankings r JOIN estimates e USING (run_id, treatment, comparator, outcome,
-                                                    estimator)
-            JOIN runs u USING (run_id)
+            FROM rankings r JOIN runs u USING (run_id)
             WHERE {" AND ".join(where)}
             ORDER BY r.study, r.outcome, r.estimator, r.rank
         """, params).df()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import time
@@ -93,3 +94,32 @@ def test_writer_waits_for_the_lock(tmp_path):
                 pass
         finally:
             holder.kill()
+
+
+def test_exports_and_rankings_mask_small_counts(tmp_path, capsys):
+    path = tmp_path / "r.duckdb"
+    rows = estimates("a", 2).assign(
+        role="outcome", treatment=["t1", "t2"], n_treated=[3, 400], n_comparator=[250, 2],
+        events_treated=[1, 40],
+        events_comparator=[0, 7], rank=[1, 2], estimate=[0.5, 2.0], ci_low=[0.3, 1.2],
+        ci_high=[0.8, 3.1], p_value=[0.01, 0.02])
+    write_run(path, {"run_id": "a", "study": "s", "status": "completed",
+                     "finished_at": pd.Timestamp("2026-01-01"),
+                     "config_json": {"min_cell_count": 5}}, {"estimates": rows})
+    for suffix in (".parquet", ".csv", ".json"):
+        out = tmp_path / f"e{suffix}"
+        assert main(["export", "estimates", "--out", str(out), "--results", str(path)]) == 0
+        text = out.read_bytes()
+        assert b"<5" in text
+        frame = {".parquet": pd.read_parquet, ".csv": pd.read_csv,
+                 ".json": pd.read_json}[suffix](out)
+        assert frame["n_treated"].astype(str).tolist() == ["<5", "400"]
+        assert frame["events_comparator"].astype(str).tolist() == ["0", "7"]
+    capsys.readouterr()
+    assert main(["rank", "--results", str(path), "--format", "csv"]) == 0
+    ranked = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert ranked["n_treated"].astype(str).tolist() == ["<5", "400"]
+    assert ranked["n_comparator"].astype(str).tolist() == ["250", "<5"]
+    assert main(["export", "estimates", "--out", str(tmp_path / "x.xlsx"),
+                 "--results", str(path)]) == 2
+    assert "expected a file ending in .parquet, .csv, .json" in capsys.readouterr().err

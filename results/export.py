@@ -1,0 +1,62 @@
+"""Shareable exports of the store: person counts below a run's min_cell_count are masked.
+
+Exact counts stay in the store; anything written for people outside (Parquet, CSV, JSON) shows
+a small count as "<N". Person ids never reach the store, so they cannot reach an export.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from results.store import open_store
+from results.summary import mask_counts
+
+EXPORTS = {
+    "estimates": "SELECT * FROM estimates",
+    "diagnostics": "SELECT * FROM diagnostics",
+    "attrition": "SELECT * FROM attrition",
+    "rankings": "SELECT * FROM rankings",
+    "triangulation": "SELECT * FROM triangulation",
+    "meta_analysis": "SELECT * FROM meta_analysis",
+}
+PERSON_COUNTS = ("n_treated", "n_comparator", "events_treated", "events_comparator",
+                 "treated_persons", "comparator_persons")
+FORMATS = (".parquet", ".csv", ".json")
+
+
+def export(results: Path, what: str, out: Path, *, study: str | None = None) -> int:
+    """Write one table or view (optionally one study's rows) to out; return the row count."""
+    if what not in EXPORTS:
+        raise ValueError(f"cannot export {what!r} (expected one of {', '.join(EXPORTS)})")
+    if out.suffix not in FORMATS:
+        raise ValueError(f"{out}: expected a file ending in {', '.join(FORMATS)}")
+    with open_store(results, read_only=True) as con:
+        frame = con.execute(f"SELECT * FROM ({EXPORTS[what]}) x").df()
+        cells = dict(con.execute(
+            "SELECT run_id, json_extract(config_json, '$.min_cell_count')::INTEGER FROM runs"
+        ).fetchall())
+        studies = dict(con.execute("SELECT run_id, study FROM runs").fetchall())
+    if study is not None:
+        owner = frame["study"] if "study" in frame else frame["run_id"].map(studies)
+        frame = frame[owner == study]
+    frame = _masked(frame, cells)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".parquet":
+        frame.to_parquet(out, index=False)
+    elif out.suffix == ".csv":
+        frame.to_csv(out, index=False)
+    else:
+        frame.to_json(out, orient="records", date_format="iso")
+    return len(frame)
+
+
+def _masked(frame: pd.DataFrame, cells: dict[str, int]) -> pd.DataFrame:
+    counts = [c for c in PERSON_COUNTS if c in frame]
+    if not counts or "run_id" not in frame:
+        return frame
+    smallest = min(cells.values(), default=0)
+    parts = [mask_counts(part, counts, cells.get(run_id, smallest))
+             for run_id, part in frame.groupby("run_id", sort=False)]
+    return pd.concat(parts).sort_index() if parts else frame
