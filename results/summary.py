@@ -42,6 +42,7 @@ def run_summary(results: Path, run_id: str) -> pd.DataFrame:
             SELECT e.comparison_id, e.treatment, e.comparator, e.outcome, e.role, e.estimator,
                    e.estimate, e.ci_low, e.ci_high, e.p_value, e.status, e.message,
                    e.n_treated, e.n_comparator, e.events_treated, e.events_comparator,
+                   e.calibrated_estimate, e.calibrated_ci_low, e.calibrated_ci_high, e.rank,
                    d.passed, d.reasons, d.max_abs_smd_after, d.equipoise, d.mdrr
             FROM estimates e
             LEFT JOIN diagnostics d USING (run_id, comparison_id, outcome, estimator)
@@ -51,11 +52,14 @@ def run_summary(results: Path, run_id: str) -> pd.DataFrame:
     return frame
 
 
-def format_hr(row: pd.Series) -> str:
-    """'0.52 (0.41-0.66)', or the failure reason."""
+def format_hr(row: pd.Series, prefix: str = "") -> str:
+    """'0.52 (0.41-0.66)' from the row's [prefix]estimate/ci columns, or the failure reason."""
     if row["status"] != "ok":
         return f"failed: {row['message']}"
-    return f"{row['estimate']:.2f} ({row['ci_low']:.2f}-{row['ci_high']:.2f})"
+    estimate = row[f"{prefix}estimate"]
+    if pd.isna(estimate):
+        return "-"
+    return f"{estimate:.2f} ({row[f'{prefix}ci_low']:.2f}-{row[f'{prefix}ci_high']:.2f})"
 
 
 def wide_summary(summary: pd.DataFrame, min_cell_count: int) -> pd.DataFrame:
@@ -74,8 +78,13 @@ def wide_summary(summary: pd.DataFrame, min_cell_count: int) -> pd.DataFrame:
               .agg(n_treated=("n_treated", "max"), n_comparator=("n_comparator", "max"),
                    events_treated=("events_treated", "max"),
                    events_comparator=("events_comparator", "max")))
-    rank = summary.loc[summary["estimator"] == primary, [*keys, "estimate"]]
-    wide = wide.merge(counts, on=keys).merge(rank, on=keys, how="left")
+    mine = summary[summary["estimator"] == primary]
+    rank = mine[keys].assign(
+        estimate=mine["estimate"],
+        **{f"{primary} calibrated": mine.apply(format_hr, axis=1, prefix="calibrated_"),
+           "diagnostics": mine["passed"].map({True: "pass", False: "fail"}).fillna("-"),
+           "rank": mine["rank"]})
+    wide = wide.merge(rank, on=keys, how="left").merge(counts, on=keys)
     wide = wide.assign(_interest=wide["role"] != "outcome").sort_values(
         ["_interest", "outcome", "estimate"], na_position="last"
     ).drop(columns=["_interest", "estimate"])
