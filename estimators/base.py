@@ -129,7 +129,8 @@ class CausalEstimator:
     def effect_by(self, groups: Any) -> dict[Any, EffectEstimate]:
         """Subgroup effects (CATEs): the same estimator refitted within each group's rows.
 
-        Row-aligned extra fit arguments (such as a precomputed `ps`) are subset with the rows.
+        Row-aligned extra fit arguments (a precomputed `ps`, instruments `z`: any array whose
+        first dimension is the number of rows) are subset with the rows.
         """
         data = self._data
         if data is None:
@@ -142,7 +143,7 @@ class CausalEstimator:
             rows = np.flatnonzero(groups == group)
             kwargs = {
                 key: np.asarray(value)[rows]
-                if np.ndim(value) == 1 and len(value) == data.n else value
+                if np.ndim(value) >= 1 and np.shape(value)[0] == data.n else value
                 for key, value in (self._fit_kwargs or {}).items()
             }
             part = FitData(

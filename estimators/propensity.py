@@ -189,7 +189,8 @@ _LIBLINEAR_LOCK = threading.Lock()
 concurrent threads perturb each other's results; serialising them keeps fits reproducible."""
 
 
-def _fit_liblinear(C: float, seed: int, X, y: np.ndarray) -> LogisticRegression:
+def fit_l1_logistic(C: float, seed: int, X, y: np.ndarray) -> LogisticRegression:
+    """L1 logistic regression at a given C, configured and serialised as every PS fit here."""
     model = LogisticRegression(
         l1_ratio=1.0, solver="liblinear", C=C, intercept_scaling=INTERCEPT_SCALING,
         tol=LIBLINEAR_TOL, max_iter=LIBLINEAR_MAX_ITER, random_state=seed,
@@ -253,7 +254,7 @@ def fit_propensity(
     for k, lam in enumerate(lambdas):
         total = 0.0
         for Xtr, ytr, Xte, yte in folds:
-            m = _fit_liblinear(1.0 / (ytr.shape[0] * lam), seed, Xtr, ytr)
+            m = fit_l1_logistic(1.0 / (ytr.shape[0] * lam), seed, Xtr, ytr)
             total += _sum_log_loss(yte, _linear_predictor(Xte, m.coef_[0], m.intercept_[0]))
         losses.append(total / n_cv)
         if losses[k] < losses[best]:
@@ -266,7 +267,7 @@ def fit_propensity(
     fit_idx = _cap_per_arm(t, max_fit_rows, rng)
     Xf, tf = (X, t) if fit_idx is None else (X[fit_idx], t[fit_idx])
     C = 1.0 / (tf.shape[0] * lam)
-    model = _fit_liblinear(C, seed, Xf, tf)
+    model = fit_l1_logistic(C, seed, Xf, tf)
     coef = model.coef_[0].copy()
     intercept = float(model.intercept_[0])
     if fit_idx is not None:
