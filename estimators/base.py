@@ -21,7 +21,14 @@ from sklearn.base import clone
 
 from estimators.effect import EffectEstimate
 from estimators.errors import EstimationError
-from estimators.propensity import as_covariates, as_treated, check_ps, fit_propensity
+from estimators.propensity import (
+    PS_EPS,
+    PropensityFit,
+    as_covariates,
+    as_treated,
+    check_ps,
+    fit_propensity,
+)
 
 OutcomeKind = Literal["continuous", "binary", "survival"]
 
@@ -87,17 +94,34 @@ def _vector(values: Any, name: str, n: int) -> np.ndarray:
     return array
 
 
+@dataclass(frozen=True, eq=False)
+class FittedPropensity:
+    """Propensity scores and what produced them (for variance corrections that need the model)."""
+
+    ps: np.ndarray
+    default_fit: PropensityFit | None = None   # our cross-validated L1 logistic model
+    model: Any = None                          # a fitted scikit-learn classifier
+
+
+def fit_propensity_model(
+    data: FitData, propensity_model: Any = None, ps: Any = None, *, seed: int = 0
+) -> FittedPropensity:
+    """P(treated | X): given (`ps`), from a scikit-learn classifier, or the default L1 model."""
+    if ps is not None:
+        return FittedPropensity(check_ps(ps, data.n, open_interval=True))
+    if propensity_model is None:
+        fit = fit_propensity(data.X, data.t, seed=seed)
+        return FittedPropensity(fit.ps, default_fit=fit)
+    model = clone(propensity_model).fit(data.X, data.t)
+    scores = np.clip(np.asarray(model.predict_proba(data.X))[:, 1], PS_EPS, 1 - PS_EPS)
+    return FittedPropensity(check_ps(scores, data.n, open_interval=True), model=model)
+
+
 def propensity_scores(
     data: FitData, propensity_model: Any = None, ps: Any = None, *, seed: int = 0
 ) -> np.ndarray:
-    """P(treated | X): given (`ps`), from a scikit-learn classifier, or the default L1 model."""
-    if ps is not None:
-        return check_ps(ps, data.n, open_interval=True)
-    if propensity_model is None:
-        return fit_propensity(data.X, data.t, seed=seed).ps
-    model = clone(propensity_model).fit(data.X, data.t)
-    scores = np.asarray(model.predict_proba(data.X))[:, 1]
-    return check_ps(np.clip(scores, 1e-9, 1 - 1e-9), data.n, open_interval=True)
+    """The scores alone (see fit_propensity_model)."""
+    return fit_propensity_model(data, propensity_model, ps, seed=seed).ps
 
 
 class CausalEstimator:

@@ -40,6 +40,22 @@ class EffectEstimate:
             n_treated=n_treated, n_control=n_control,
         )
 
+    @classmethod
+    def from_difference(
+        cls, estimate: float, se: float, *, estimand: str, n_treated: int, n_control: int,
+        level: float = 0.95, ci: tuple[float, float] | None = None,
+    ) -> EffectEstimate:
+        """A difference with its Wald interval (or a given one, e.g. bootstrap percentiles)."""
+        z = stats.norm.ppf(0.5 + level / 2)
+        valid = math.isfinite(se) and se > 0
+        p = 2 * stats.norm.sf(abs(estimate / se)) if valid else math.nan
+        low, high = ci if ci is not None else (estimate - z * se, estimate + z * se)
+        return cls(
+            estimate=float(estimate), se=float(se), ci_low=float(low), ci_high=float(high),
+            p_value=float(p), measure="difference", estimand=estimand,
+            n_treated=n_treated, n_control=n_control,
+        )
+
     @property
     def log_estimate(self) -> float:
         """Log of a ratio estimate (the scale on which `se` is given)."""

@@ -21,7 +21,6 @@ from typing import Any, Literal
 import numpy as np
 import scipy.linalg as la
 import scipy.sparse as sp
-from scipy import stats
 from sklearn.base import BaseEstimator, RegressorMixin, clone, is_classifier
 from sklearn.linear_model import LogisticRegression, Ridge
 
@@ -159,15 +158,9 @@ def wald_difference(
     ci: tuple[float, float] | None = None,
 ) -> EffectEstimate:
     """An EffectEstimate on the difference scale: Wald interval unless `ci` is given."""
-    z = stats.norm.ppf(0.5 + level / 2)
-    valid = math.isfinite(se) and se > 0
-    p = float(2 * stats.norm.sf(abs(estimate / se))) if valid else math.nan
-    low, high = ci if ci is not None else (estimate - z * se, estimate + z * se)
-    return EffectEstimate(
-        estimate=float(estimate), se=float(se), ci_low=float(low), ci_high=float(high),
-        p_value=p, measure="difference", estimand=estimand,
-        n_treated=data.n_treated, n_control=data.n_control,
-    )
+    return EffectEstimate.from_difference(
+        estimate, se, estimand=estimand, n_treated=data.n_treated, n_control=data.n_control,
+        level=level, ci=ci)
 
 
 def stratified_bootstrap(t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
