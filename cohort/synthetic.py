@@ -11,29 +11,47 @@ Causal model (all effects are log-linear; ``a`` = (age at index - 55) / 15, ``ma
   ``indication_k`` record in the 365 days before ``t0`` plus chronic repeats anywhere in
   observation (a few without ``Ik`` have an old record > 365 days before ``t0``).
 * 60% of persons are users of a study drug, started at ``t0``, chosen by a multinomial
-  logit on ``I1..I8``, ``a`` and ``male`` (confounding by indication); ~15% restart the same
-  drug after a gap; ~5% of users (comparator users only) later add one of the treatments.
+  logit on ``I1..I8``, ``a``, ``male`` (confounding by indication) and the unmeasured ``u``
+  (below); ~15% restart the same drug after a gap; ~5% of users (comparator users only) later
+  add one of the treatments.
 * Outcome ``o`` (first event, and an occasional repeat): exponential hazard
-  ``base_o * exp(B_o . (I, a, male))`` over the whole observation, multiplied by
-  ``HR(drug, o)`` from the day after ``t0`` for a user of ``drug`` (comparator: 1); events
-  after the end of observation are not recorded, events before ``t0`` are (prior outcomes).
-  ``h`` acts on neither outcomes nor drug choice, so covariates in the 365 days before ``t0``
-  plus age and sex capture all confounding. An added second drug leaves the hazard as it was
-  (intention to treat); its users are in both arms of that comparison only, so no
-  comparison vs the comparator is contaminated.
-* Negative controls have HR 1 for every drug but some depend on the indications, so crude
-  estimates are biased. Noise concepts (conditions, drugs, procedures, measurements) have
-  skewed (Zipf-like) frequencies, depend on ``h`` only and affect nothing.
+  ``base_o * exp(B_o . (I, a, male)) * exp(g_o * u - g_o^2 / 2)`` over the whole observation,
+  multiplied by ``HR(drug, o)`` from the day after ``t0`` for a user of ``drug`` (comparator:
+  1); events after the end of observation are not recorded, events before ``t0`` are (prior
+  outcomes). ``h`` acts on neither outcomes nor drug choice, so covariates in the 365 days
+  before ``t0`` plus age and sex capture all measured confounding. An added second drug
+  leaves the hazard as it was (intention to treat); its users are in both arms of that
+  comparison only, so no comparison vs the comparator is contaminated.
+* Unmeasured confounding, strength ``s`` = ``unmeasured_confounding`` (default 1, 0 = off):
+  a latent ``u ~ N(0, 1)`` per person, independent of everything measured and recorded in no
+  table, adds ``s * delta_d * u`` to the log-odds of choosing treatment ``d`` over the
+  comparator (``delta`` 0.65, -0.55, 0.3, -0.7 for drug_a..drug_d: their users differ from
+  comparator users by +0.50, -0.44, +0.25, -0.57 SD of ``u``) and gives every outcome, of
+  interest or negative control, the mean-one frailty ``exp(g_o u - g_o^2 / 2)`` with
+  ``g_o = s * gamma_o`` (``gamma_o`` 0.2-0.4 for outcomes of interest, 0.25-0.45 for negative
+  controls). Perfect adjustment for the measured covariates thus leaves a bias of log HR of
+  about ``g_o * (mean u of users - mean u of comparator users)``, growing with ``s^2``; at
+  ``s = 1`` it averages +0.18, -0.15, +0.09, -0.20 over the negative controls of drug_a..drug_d
+  (0.06-0.26 by outcome), and the nominal 95% intervals of propensity-adjusted negative-control
+  estimates cover HR 1 ~75-80% of the time at 50,000 persons (~94% at ``s = 0``). This is bias,
+  not effect: ``truth.csv`` holds the planted HRs for every ``s``. ``u`` has its own random
+  stream, so for a seed ``s`` changes only drug choice (so study-drug records) and outcomes.
+* Negative controls (40) have HR 1 for every drug; many depend on indications, age or sex
+  (so crude estimates are biased), 12 on nothing measured. Noise concepts (conditions, drugs,
+  procedures, measurements) have skewed (Zipf-like) frequencies, depend on ``h`` only and
+  affect nothing.
 * Planted dirt: orphan observation periods, persons with two periods, early starters, and
   ~0.1% of noise condition records dated up to 180 days after the end of observation.
 
-``generate_demo_cdm`` is vectorised (numpy, pyarrow), deterministic for a seed, and writes
-``truth.csv`` with the planted hazard ratios of the four treatments vs ``comparator_drug``.
+``generate_demo_cdm`` is vectorised (numpy, pyarrow), deterministic for a seed (and strength),
+and writes ``truth.csv`` with the planted hazard ratios of the four treatments vs
+``comparator_drug`` on the 6 outcomes and 40 negative controls.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -48,6 +66,7 @@ __all__ = [
     "DEMO_VOCABULARY_ID",
     "GENDER_FEMALE",
     "GENDER_MALE",
+    "GENERATOR_VERSION",
     "INDICATIONS",
     "NEGATIVE_CONTROLS",
     "OUTCOMES",
@@ -61,6 +80,8 @@ __all__ = [
 ]
 
 # ----------------------------------------------------------------------------- concepts
+GENERATOR_VERSION = 2
+"""Bumped whenever the same size and seed would produce different data (caches check it)."""
 DEMO_VOCABULARY_ID = "Cohortflow Demo"
 GENDER_MALE = 8507
 GENDER_FEMALE = 8532
@@ -70,7 +91,7 @@ COMPARATOR = "comparator_drug"
 TREATMENTS = ("drug_a", "drug_b", "drug_c", "drug_d")
 STUDY_DRUGS = (COMPARATOR, *TREATMENTS)
 OUTCOMES = tuple(f"outcome_{k}" for k in range(1, 7))
-NEGATIVE_CONTROLS = tuple(f"nc_{k:02d}" for k in range(1, 11))
+NEGATIVE_CONTROLS = tuple(f"nc_{k:02d}" for k in range(1, 41))
 INDICATIONS = tuple(f"indication_{k}" for k in range(1, 9))
 
 DEMO_CONCEPTS: dict[str, int] = {
@@ -123,25 +144,62 @@ _CHOICE_MODEL: dict[str, tuple[float, dict[str, float]]] = {
                        "age": 0.3}),
 }
 
-# Outcome hazards: (events per person-year for a reference person, covariate effects).
-_OUTCOME_MODEL: dict[str, tuple[float, dict[str, float]]] = {
-    "outcome_1": (0.012, {"indication_1": 0.9, "indication_2": 0.5, "indication_3": 0.9,
-                          "indication_4": 0.5}),
-    "outcome_2": (0.020, {"indication_2": 0.8, "indication_8": 0.5, "age": 0.3}),
-    "outcome_3": (0.020, {"indication_4": 0.3, "age": 0.8, "male": -0.4}),
-    "outcome_4": (0.012, {"indication_5": -1.0, "indication_1": 0.8, "age": 0.4}),
-    "outcome_5": (0.015, {"indication_5": 1.0, "indication_7": 0.5, "age": 0.2}),
-    "outcome_6": (0.015, {"indication_1": 0.5, "indication_8": 0.6, "age": 0.3, "male": 0.3}),
-    "nc_01": (0.010, {"indication_1": 0.7, "age": 0.3}),
-    "nc_02": (0.010, {"indication_3": 0.7}),
-    "nc_03": (0.010, {"indication_5": 0.7}),
-    "nc_04": (0.008, {"indication_6": 0.6, "indication_7": 0.6}),
-    "nc_05": (0.008, {"indication_2": 0.6, "indication_4": 0.5}),
-    "nc_06": (0.010, {"age": 0.5}),
-    "nc_07": (0.010, {"male": 0.4}),
-    "nc_08": (0.010, {"indication_8": 0.5}),
-    "nc_09": (0.010, {}),
-    "nc_10": (0.010, {"age": 0.3, "indication_4": 0.4}),
+# Unmeasured confounder u ~ N(0, 1): log-odds per unit of u (times the strength) of choosing
+# each treatment over comparator_drug; users then differ from comparator users by ~0.8 times
+# this many SDs of u.
+_U_CHOICE: dict[str, float] = {"drug_a": 0.65, "drug_b": -0.55, "drug_c": 0.3, "drug_d": -0.7}
+
+# Outcome hazards: (events per person-year for a reference person, averaged over u; log hazard
+# per unit of u (gamma, times the strength); log hazard ratios of measured covariates).
+_OUTCOME_MODEL: dict[str, tuple[float, float, dict[str, float]]] = {
+    "outcome_1": (0.012, 0.25, {"indication_1": 0.9, "indication_2": 0.5, "indication_3": 0.9,
+                                "indication_4": 0.5}),
+    "outcome_2": (0.020, 0.35, {"indication_2": 0.8, "indication_8": 0.5, "age": 0.3}),
+    "outcome_3": (0.020, 0.20, {"indication_4": 0.3, "age": 0.8, "male": -0.4}),
+    "outcome_4": (0.012, 0.30, {"indication_5": -1.0, "indication_1": 0.8, "age": 0.4}),
+    "outcome_5": (0.015, 0.40, {"indication_5": 1.0, "indication_7": 0.5, "age": 0.2}),
+    "outcome_6": (0.015, 0.30, {"indication_1": 0.5, "indication_8": 0.6, "age": 0.3,
+                                "male": 0.3}),
+    "nc_01": (0.010, 0.35, {"indication_1": 0.7, "age": 0.3}),
+    "nc_02": (0.010, 0.30, {"indication_3": 0.7}),
+    "nc_03": (0.010, 0.40, {"indication_5": 0.7}),
+    "nc_04": (0.008, 0.25, {"indication_6": 0.6, "indication_7": 0.6}),
+    "nc_05": (0.008, 0.45, {"indication_2": 0.6, "indication_4": 0.5}),
+    "nc_06": (0.010, 0.35, {"age": 0.5}),
+    "nc_07": (0.010, 0.30, {"male": 0.4}),
+    "nc_08": (0.010, 0.40, {"indication_8": 0.5}),
+    "nc_09": (0.010, 0.35, {}),
+    "nc_10": (0.010, 0.25, {"age": 0.3, "indication_4": 0.4}),
+    "nc_11": (0.008, 0.35, {"indication_2": 0.7}),
+    "nc_12": (0.012, 0.30, {}),
+    "nc_13": (0.009, 0.40, {"indication_7": 0.6, "age": 0.2}),
+    "nc_14": (0.010, 0.25, {}),
+    "nc_15": (0.008, 0.45, {"indication_1": 0.5, "indication_5": 0.5}),
+    "nc_16": (0.010, 0.35, {"age": -0.3}),
+    "nc_17": (0.008, 0.40, {}),
+    "nc_18": (0.009, 0.30, {"indication_3": 0.5, "male": 0.3}),
+    "nc_19": (0.010, 0.45, {}),
+    "nc_20": (0.008, 0.35, {"indication_6": 0.7}),
+    "nc_21": (0.012, 0.25, {"age": 0.4, "male": -0.3}),
+    "nc_22": (0.008, 0.40, {}),
+    "nc_23": (0.009, 0.35, {"indication_4": 0.6}),
+    "nc_24": (0.010, 0.30, {"indication_8": 0.4, "age": 0.2}),
+    "nc_25": (0.008, 0.45, {}),
+    "nc_26": (0.010, 0.35, {"indication_1": 0.4, "indication_2": 0.4}),
+    "nc_27": (0.009, 0.25, {}),
+    "nc_28": (0.008, 0.40, {"indication_5": -0.5, "age": 0.3}),
+    "nc_29": (0.010, 0.35, {"indication_7": 0.5}),
+    "nc_30": (0.011, 0.30, {}),
+    "nc_31": (0.008, 0.45, {"indication_3": 0.6, "indication_6": 0.3}),
+    "nc_32": (0.010, 0.35, {"male": 0.5}),
+    "nc_33": (0.009, 0.40, {}),
+    "nc_34": (0.008, 0.25, {"indication_2": 0.5, "indication_8": 0.4}),
+    "nc_35": (0.010, 0.35, {"age": 0.6}),
+    "nc_36": (0.009, 0.30, {}),
+    "nc_37": (0.008, 0.45, {"indication_4": 0.5, "indication_1": -0.4}),
+    "nc_38": (0.010, 0.35, {"indication_6": 0.4, "male": -0.2}),
+    "nc_39": (0.009, 0.40, {}),
+    "nc_40": (0.008, 0.30, {"indication_5": 0.6, "indication_7": 0.3}),
 }
 
 TRUE_HR: dict[tuple[str, str], float] = {
@@ -366,9 +424,13 @@ def _person_order(person_id: np.ndarray, start: np.ndarray) -> np.ndarray:
 class _Persons:
     """Person-level arrays of the simulation (index i = person_id - 1)."""
 
-    def __init__(self, n: int, seed: int) -> None:
+    def __init__(self, n: int, seed: int, unmeasured_confounding: float = 1.0) -> None:
         rng = _rng(seed, 1)
         self.n = n
+        self.unmeasured_confounding = unmeasured_confounding
+        # The unmeasured confounder: its own stream, so the measured world is the same for
+        # every strength; recorded nowhere.
+        self.u = _rng(seed, 10).standard_normal(n)
         self.person_id = np.arange(1, n + 1, dtype=np.int64)
         self.male = rng.random(n) < 0.49
         age_2015 = 20.0 + 70.0 * rng.beta(1.8, 2.0, n)
@@ -409,12 +471,14 @@ class _Persons:
         logits += np.outer(self.male, coef[:, 3])
         self.indications = rng.random((n, len(INDICATIONS))) < 1.0 / (1.0 + np.exp(-logits))
         self.x = np.column_stack([self.indications, a, self.male]).astype(np.float64)
+        self.x_columns = np.ascontiguousarray(self.x.T)  # fast access to one covariate
 
         # Drug choice (Gumbel-max multinomial logit), -1 for non-users.
         scores = np.zeros((n, len(STUDY_DRUGS)))
         for j, drug in enumerate(TREATMENTS, start=1):
             intercept, effects = _CHOICE_MODEL[drug]
             scores[:, j] = intercept + self.x @ _columns(effects)
+            scores[:, j] += unmeasured_confounding * _U_CHOICE[drug] * self.u
         scores += rng.gumbel(size=scores.shape)
         self.drug = np.where(self.user, np.argmax(scores, axis=1), -1)
 
@@ -470,23 +534,39 @@ def _indication_records(p: _Persons, rng: np.random.Generator) -> tuple[np.ndarr
 
 
 def _outcome_records(p: _Persons, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """First events before ``t0`` (prior outcomes), first events after ``t0`` and some repeats.
+
+    One Poisson process per person and outcome, observed from the start of the main period
+    with day ``t0`` left out: a single Exp(1) draw gives the first event, and when that falls
+    after ``t0`` its excess hazard (memoryless) gives the first event after ``t0``; persons
+    with a prior event draw afresh for after ``t0``.
+    """
     pid, concept, start = [], [], []
-    everyone = np.arange(p.n)
-    for outcome, (base, effects) in _OUTCOME_MODEL.items():
-        rate = base / 365.25 * np.exp(p.x @ _columns(effects))  # per day
+    span_before = (p.t0 - p.obs_start).astype(np.float64)  # days obs_start .. t0 - 1
+    span_after = (p.obs_end - p.t0).astype(np.float64)  # days t0 + 1 .. obs_end
+    drug = np.where(p.drug >= 0, p.drug, 0)  # non-users follow the comparator (HR 1)
+    for outcome, (base, gamma, effects) in _OUTCOME_MODEL.items():
+        # Frailty exp(g u - g^2 / 2), mean 1: the average hazard is base at any strength.
+        g = gamma * p.unmeasured_confounding
+        rate = g * p.u + (math.log(base / 365.25) - 0.5 * g * g)  # log hazard per day
+        coef = _columns(effects)
+        for k in np.nonzero(coef)[0]:
+            rate += coef[k] * p.x_columns[k]
+        np.exp(rate, out=rate)
         hr = np.array([true_hr(d, outcome) for d in STUDY_DRUGS])
-        rate_after = rate * np.where(p.drug >= 0, hr[np.maximum(p.drug, 0)], 1.0)
-        # Before index (from the start of the main period) and after index (from t0 + 1).
-        before = p.obs_start + np.floor(rng.exponential(1.0, p.n) / rate).astype(np.int64)
-        after = p.t0 + 1 + np.floor(rng.exponential(1.0, p.n) / rate_after).astype(np.int64)
-        repeat = after + 1 + np.floor(rng.exponential(180.0, p.n)).astype(np.int64)
-        has_before = before < p.t0
-        has_after = after <= p.obs_end
-        has_repeat = has_after & (rng.random(p.n) < _REPEAT_SHARE) & (repeat <= p.obs_end)
-        rows = np.concatenate(
-            [everyone[has_before], everyone[has_after], everyone[has_repeat]]
-        )
-        days = np.concatenate([before[has_before], after[has_after], repeat[has_repeat]])
+        rate_after = rate * hr[drug] if (hr != 1.0).any() else rate
+        e = rng.standard_exponential(p.n)
+        cum_before = rate * span_before
+        before = np.nonzero(e < cum_before)[0]
+        excess = e - cum_before  # Exp(1) given no event before t0
+        excess[before] = rng.standard_exponential(before.size)
+        after = np.nonzero(excess < rate_after * span_after)[0]
+        day_before = p.obs_start[before] + np.floor(e[before] / rate[before]).astype(np.int64)
+        day_after = p.t0[after] + 1 + np.floor(excess[after] / rate_after[after]).astype(np.int64)
+        repeat = day_after + 1 + np.floor(rng.exponential(180.0, after.size)).astype(np.int64)
+        has_repeat = (rng.random(after.size) < _REPEAT_SHARE) & (repeat <= p.obs_end[after])
+        rows = np.concatenate([before, after, after[has_repeat]])
+        days = np.concatenate([day_before, day_after, repeat[has_repeat]])
         ids = np.full(rows.size, DEMO_CONCEPTS[outcome], dtype=np.int64)
         if outcome in OUTCOME_VARIANT_CONCEPTS:
             ids[rng.random(rows.size) < _VARIANT_SHARE] = OUTCOME_VARIANT_CONCEPTS[outcome]
@@ -650,18 +730,24 @@ def _ancestor_rows(concept: dict[str, list]) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- main
-def generate_demo_cdm(out_dir: Path, *, persons: int = 50_000, seed: int = 0) -> Path:
+def generate_demo_cdm(
+    out_dir: Path, *, persons: int = 50_000, seed: int = 0, unmeasured_confounding: float = 1.0,
+) -> Path:
     """Write a synthetic OMOP CDM v5.3 (``<table>.parquet`` per table) and ``truth.csv``.
 
     ``out_dir`` is created if needed; only the files named in ``CDM_SCHEMA`` and
     ``truth.csv`` are (over)written. The data are a deterministic function of
-    ``persons`` and ``seed``. Returns the path of ``truth.csv``.
+    ``persons``, ``seed`` and ``unmeasured_confounding`` (the strength ``s`` of the unrecorded
+    confounder ``u``, see the module docstring: 0 turns it off, its coefficients scale with
+    ``s``). Returns the path of ``truth.csv``.
     """
     if persons < 1:
         raise ValueError("persons must be >= 1")
+    if not (math.isfinite(unmeasured_confounding) and unmeasured_confounding >= 0):
+        raise ValueError("unmeasured_confounding must be a finite number >= 0")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    p = _Persons(persons, seed)
+    p = _Persons(persons, seed, float(unmeasured_confounding))
     pid = p.person_id
 
     # person
@@ -809,7 +895,8 @@ def generate_demo_cdm(out_dir: Path, *, persons: int = 50_000, seed: int = 0) ->
         "cdm_source_abbreviation": ["cohortflow_demo"],
         "cdm_holder": ["cohortflow"],
         "source_description": [f"Synthetic data with planted effects: {persons} persons, "
-                               f"seed {seed}; see truth.csv"],
+                               f"seed {seed}, unmeasured confounding {p.unmeasured_confounding:g}"
+                               f"; see truth.csv"],
         "source_documentation_reference": ["cohort/synthetic.py"],
         "cdm_etl_reference": ["cohort.synthetic.generate_demo_cdm"],
         "source_release_date": np.array([_day("2021-01-01")]),

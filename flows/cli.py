@@ -65,14 +65,14 @@ def _run(study_file: str, args: argparse.Namespace) -> dict:
 
 
 def _print_summary(run: dict, args: argparse.Namespace, extra: Callable | None = None) -> None:
-    from results.summary import run_summary, wide_summary
+    from results.summary import calibration_summary, run_summary, wide_summary
 
     if args.quiet:
         print(run["run_id"])
         return
     summary = run_summary(Path(args.results), run["run_id"])
     study = load_study(run["study_file"])
-    wide = wide_summary(summary, study.config.min_cell_count)
+    wide = wide_summary(summary[summary["role"] == "outcome"], study.config.min_cell_count)
     if extra is not None:
         wide = extra(wide)
     seconds = (run["finished_at"] - run["started_at"]).total_seconds()
@@ -80,8 +80,13 @@ def _print_summary(run: dict, args: argparse.Namespace, extra: Callable | None =
           f"{run['n_estimates']} estimates ({run['n_estimates_failed']} failed) "
           f"in {seconds:.0f} s")
     print(wide.to_string(index=False))
-    print(f"\nresults: {args.results}  (cohortflow query \"SELECT * FROM estimates WHERE "
-          f"run_id = '{run['run_id']}'\")")
+    primary = "iptw" if "iptw" in study.config.estimators else study.config.estimators[0]
+    nulls = calibration_summary(Path(args.results), run["run_id"], primary)
+    if len(nulls) and nulls["negative_controls"].max() > 0:
+        print(f"\nsystematic error ({primary}), from the negative controls:")
+        print(nulls.drop(columns=["note"]).to_string(index=False))
+    print(f"\nresults: {args.results}  (cohortflow rank --results {args.results}; "
+          f"cohortflow query \"SELECT * FROM estimates WHERE run_id = '{run['run_id']}'\")")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from cohort.synthetic import generate_demo_cdm
+from cohort.synthetic import GENERATOR_VERSION, generate_demo_cdm
 
 MARKER = "generator.json"
 
 
 def ensure_demo_data(cdm: Path, *, persons: int, seed: int) -> Path:
-    """Generate the demo CDM into `cdm` unless one with the same size and seed is there."""
-    wanted = {"persons": persons, "seed": seed}
+    """Generate the demo CDM into `cdm` unless one of the same size, seed and generator is."""
+    wanted = {"persons": persons, "seed": seed, "generator": GENERATOR_VERSION}
     marker = cdm / MARKER
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return cdm / "truth.csv"

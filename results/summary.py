@@ -65,9 +65,9 @@ def format_hr(row: pd.Series, prefix: str = "") -> str:
 def wide_summary(summary: pd.DataFrame, min_cell_count: int) -> pd.DataFrame:
     """One row per comparison x outcome with a column per estimator, counts masked.
 
-    Outcomes of interest come before negative controls; within an outcome, treatments are
-    ranked by the primary adjusted estimate (IPTW if run, else the first estimator), most
-    protective first.
+    Outcomes of interest come before controls; within an outcome, treatments follow the
+    evidence rank of the primary estimator (IPTW if run, else the first estimator); unranked
+    ones follow, most protective estimate first.
     """
     keys = ["treatment", "comparator", "outcome", "role"]
     summary = summary.assign(hr=summary.apply(format_hr, axis=1))
@@ -86,8 +86,22 @@ def wide_summary(summary: pd.DataFrame, min_cell_count: int) -> pd.DataFrame:
            "rank": mine["rank"]})
     wide = wide.merge(rank, on=keys, how="left").merge(counts, on=keys)
     wide = wide.assign(_interest=wide["role"] != "outcome").sort_values(
-        ["_interest", "outcome", "estimate"], na_position="last"
+        ["_interest", "outcome", "rank", "estimate"], na_position="last"
     ).drop(columns=["_interest", "estimate"])
     wide.columns.name = None
     return mask_counts(wide, ["n_treated", "n_comparator", "events_treated",
                               "events_comparator"], min_cell_count).reset_index(drop=True)
+
+
+def calibration_summary(results: Path, run_id: str, estimator: str) -> pd.DataFrame:
+    """Per comparison: the empirical null, EASE and how many controls it rests on."""
+    with open_store(results, read_only=True) as con:
+        return con.execute("""
+            SELECT treatment, comparator, any_value(n_negative_controls) AS negative_controls,
+                   any_value(n_positive_controls) AS positive_controls,
+                   round(any_value(null_mean), 3) AS null_mean,
+                   round(any_value(null_sd), 3) AS null_sd, round(any_value(ease), 3) AS ease,
+                   any_value(calibration_note) AS note
+            FROM diagnostics WHERE run_id = ? AND estimator = ?
+            GROUP BY treatment, comparator ORDER BY treatment
+        """, [run_id, estimator]).df()

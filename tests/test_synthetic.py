@@ -7,10 +7,14 @@ import math
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from cohort.synthetic import (
+    _OUTCOME_MODEL,
+    _U_CHOICE,
     CDM_SCHEMA,
     COMPARATOR,
     DEMO_CONCEPTS,
@@ -24,11 +28,14 @@ from cohort.synthetic import (
     STUDY_DRUGS,
     TREATMENTS,
     TRUE_HR,
+    _outcome_records,
+    _Persons,
     generate_demo_cdm,
 )
 
 PERSONS = 20_000
 EUNOMIA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eunomia_gibleed"
+DEMO_STUDY = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 CLINICAL = ("person", "observation_period", "drug_era", "drug_exposure", "condition_occurrence",
             "procedure_occurrence", "measurement", "observation", "death", "visit_occurrence")
 
@@ -90,6 +97,25 @@ def test_same_seed_same_tables_other_seed_differs(tmp_path: Path) -> None:
     for table in ("person", "condition_occurrence", "drug_era", "measurement"):
         a, b = pq.read_table(one / f"{table}.parquet"), pq.read_table(other / f"{table}.parquet")
         assert not a.equals(b), table
+
+
+def test_unmeasured_confounding_changes_only_drug_choice_and_outcomes(tmp_path: Path) -> None:
+    """``u`` has its own random stream and is recorded nowhere: switching it off leaves every
+    table that depends on neither drug choice nor outcomes byte-identical."""
+    on, off = tmp_path / "on", tmp_path / "off"
+    generate_demo_cdm(on, persons=3_000, seed=7)
+    generate_demo_cdm(off, persons=3_000, seed=7, unmeasured_confounding=0.0)
+    for table in ("person", "observation_period", "procedure_occurrence", "measurement",
+                  "concept", "concept_ancestor", "vocabulary"):
+        a, b = pq.read_table(on / f"{table}.parquet"), pq.read_table(off / f"{table}.parquet")
+        assert a.equals(b), table
+    for table in ("drug_era", "drug_exposure", "condition_occurrence"):
+        a, b = pq.read_table(on / f"{table}.parquet"), pq.read_table(off / f"{table}.parquet")
+        assert not a.equals(b), table
+    assert (on / "truth.csv").read_bytes() == (off / "truth.csv").read_bytes()  # bias, not effect
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="unmeasured_confounding"):
+            generate_demo_cdm(tmp_path / "bad", persons=10, unmeasured_confounding=bad)
 
 
 @pytest.mark.parametrize("persons", [1, 40])
@@ -159,6 +185,28 @@ def test_every_concept_used_is_in_the_vocabulary(cdm: Path) -> None:
     counts = dict(con.sql("SELECT domain_id, count(*) FROM concept GROUP BY ALL").fetchall())
     assert counts["Condition"] >= 300 and counts["Procedure"] >= 100
     assert counts["Measurement"] >= 40 and counts["Drug"] >= 60
+
+
+def test_forty_negative_controls_with_events_and_in_the_demo_study(cdm: Path) -> None:
+    assert len(NEGATIVE_CONTROLS) == 40
+    assert NEGATIVE_CONTROLS[0] == "nc_01" and NEGATIVE_CONTROLS[-1] == "nc_40"
+    ids = [DEMO_CONCEPTS[nc] for nc in NEGATIVE_CONTROLS]
+    assert ids == list(range(2_000_001_201, 2_000_001_241))
+    con = connect(cdm)
+    domains = dict(con.sql(f"SELECT concept_id, domain_id FROM concept "
+                           f"WHERE concept_id IN ({', '.join(map(str, ids))})").fetchall())
+    assert domains == dict.fromkeys(ids, "Condition")
+    events = dict(con.sql(f"SELECT condition_concept_id, count(DISTINCT person_id) "
+                          f"FROM condition_occurrence WHERE condition_concept_id "
+                          f"IN ({', '.join(map(str, ids))}) GROUP BY ALL").fetchall())
+    assert set(events) == set(ids) and min(events.values()) > 100, events
+    # Some depend on measured covariates (confounded by indication), some on nothing measured.
+    measured = [nc for nc in NEGATIVE_CONTROLS if _OUTCOME_MODEL[nc][2]]
+    assert 20 <= len(measured) <= 32
+    assert any(k.startswith("indication_") for nc in measured for k in _OUTCOME_MODEL[nc][2])
+    study = yaml.safe_load(DEMO_STUDY.read_text())
+    assert study["negative_controls"] == ids
+    assert study["outcomes"] == list(OUTCOMES)
 
 
 def test_concept_ancestor_has_self_rows_and_hierarchy(cdm: Path) -> None:
@@ -388,7 +436,8 @@ def test_recorded_indications_explain_the_confounding(
     cdm: Path, treatment: str, outcome: str, confounders: tuple[str, ...], bias: int
 ) -> None:
     """Stratifying on the outcome's risk factors recorded in the 365 days before index moves
-    the crude ratio (biased up for drug_a, down for drug_c) to near the planted one."""
+    the crude ratio (biased up for drug_a, down for drug_c) to near the planted one (up to the
+    smaller bias of the unmeasured confounder)."""
     con = connect(cdm)
     new_users(con)
     crude, adjusted, _, _ = rate_ratios(follow_up(con, treatment, outcome, confounders))
@@ -421,3 +470,76 @@ def test_truth_table_lists_the_planted_effects(cdm: Path) -> None:
         assert int(r["treatment_concept_id"]) == DEMO_CONCEPTS[r["treatment"]]
         assert int(r["outcome_concept_id"]) == DEMO_CONCEPTS[r["outcome"]]
         assert r["role"] == ("outcome" if r["outcome"] in OUTCOMES else "negative_control")
+
+
+# --------------------------------------------------------------------------- unmeasured confounding
+@pytest.mark.parametrize("strength", [0.0, 0.5, 1.0])
+def test_unmeasured_confounder_sways_drug_choice_only_by_its_strength(strength: float) -> None:
+    p = _Persons(20_000, 5, strength)
+    assert abs(p.u.mean()) < 0.03 and abs(p.u.std() - 1) < 0.03
+    for k in range(p.x.shape[1]):  # independent of everything measured
+        assert abs(np.corrcoef(p.u, p.x[:, k])[0, 1]) < 0.03
+    assert abs(np.corrcoef(p.u, p.h)[0, 1]) < 0.03
+    comparator = p.u[p.drug == 0].mean()
+    for j, drug in enumerate(TREATMENTS, start=1):
+        shift = p.u[p.drug == j].mean() - comparator
+        expected = 0.8 * strength * _U_CHOICE[drug]  # ~0.8 SD of u per unit of log-odds
+        assert abs(shift - expected) < 0.08, (drug, shift, expected)
+    assert abs(p.u[p.drug == -1].mean() - p.u.mean()) < 0.05  # being a user does not depend on u
+
+
+@pytest.mark.parametrize(("strength", "depends"), [(0.0, False), (1.0, True)])
+def test_outcomes_depend_on_u_only_when_switched_on(strength: float, depends: bool) -> None:
+    p = _Persons(5_000, 5, strength)
+    first = _outcome_records(p, np.random.default_rng(1))
+    p.u = -p.u  # another unmeasured confounder, same measured world and drug choice
+    again = _outcome_records(p, np.random.default_rng(1))
+    same = all(a.shape == b.shape and (a == b).all() for a, b in zip(first, again, strict=True))
+    assert same is not depends
+
+
+NC_RATES = """
+WITH arm AS (
+  SELECT * FROM new_users WHERE drug_concept_id IN {arms}
+  AND index_date - obs_start >= 365
+  QUALIFY count(*) OVER (PARTITION BY person_id) = 1
+), nc AS (SELECT unnest({ids}) AS concept_id), events AS (
+  SELECT a.person_id, c.condition_concept_id AS concept_id,
+         min(c.condition_start_date) FILTER (WHERE c.condition_start_date >= a.index_date)
+           AS first_after,
+         bool_or(c.condition_start_date < a.index_date) AS prior
+  FROM arm a JOIN condition_occurrence c ON c.person_id = a.person_id
+  WHERE c.condition_concept_id IN (SELECT concept_id FROM nc)
+    AND c.condition_start_date <= a.obs_end
+  GROUP BY ALL
+)
+SELECT a.drug_concept_id = {arms[0]} AS treated, count(e.first_after) AS events,
+       sum(coalesce(e.first_after, a.obs_end) - a.index_date + 1) AS days
+FROM arm a CROSS JOIN nc LEFT JOIN events e
+  ON e.person_id = a.person_id AND e.concept_id = nc.concept_id
+WHERE NOT coalesce(e.prior, false)
+GROUP BY ALL ORDER BY treated DESC"""
+
+
+def test_unmeasured_confounding_biases_negative_controls_and_switches_off(tmp_path: Path) -> None:
+    """Negative controls that depend on nothing measured need no adjustment: their pooled crude
+    rate ratio is ~1 without ``u``, and with it moves the way ``u`` pushes each comparison."""
+    unconfounded = [DEMO_CONCEPTS[nc] for nc in NEGATIVE_CONTROLS if not _OUTCOME_MODEL[nc][2]]
+    assert len(unconfounded) >= 10
+    log_rr = {}
+    for strength in (0.0, 1.0):
+        folder = tmp_path / str(strength)
+        generate_demo_cdm(folder, persons=50_000, seed=11, unmeasured_confounding=strength)
+        con = connect(folder)
+        new_users(con)
+        for drug in ("drug_a", "drug_d"):  # the strongest pulls, up and down
+            arms = (DEMO_CONCEPTS[drug], DEMO_CONCEPTS[COMPARATOR])
+            (_, e1, d1), (_, e0, d0) = con.sql(
+                NC_RATES.format(arms=arms, ids=unconfounded)).fetchall()
+            assert e1 > 700 and e0 > 1_000  # standard error of the log ratio ~0.04
+            log_rr[drug, strength] = math.log((e1 / d1) / (e0 / d0))
+    for drug in ("drug_a", "drug_d"):
+        sign = math.copysign(1, _U_CHOICE[drug])
+        assert abs(log_rr[drug, 0.0]) < 0.15, log_rr
+        assert 0.08 < sign * log_rr[drug, 1.0] < 0.4, log_rr
+        assert sign * (log_rr[drug, 1.0] - log_rr[drug, 0.0]) > 0.08, log_rr
