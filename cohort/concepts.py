@@ -73,3 +73,46 @@ def concept_names(source: RecordSource) -> str:
         "SELECT NULL::BIGINT AS concept_id, NULL::VARCHAR AS concept_name, "
         "NULL::VARCHAR AS domain_id WHERE false"
     )
+
+
+def concept_set_labels(source: RecordSource, sets: dict[str, ConceptSetDef]) -> pd.DataFrame:
+    """Per concept set, the stable identifiers of its listed concepts, for joining evidence.
+
+    codes: "VOCABULARY:code" (e.g. RxNorm:140587); names: concept names; atc: ATC classes above
+    the listed concepts where the vocabulary has them. Empty lists without vocabulary tables.
+    """
+    listed = pd.DataFrame(
+        [(cs.name, concept_id) for cs in sets.values() for concept_id in cs.include],
+        columns=["set_name", "concept_id"],
+    ).astype({"concept_id": "int64"})
+    labels = listed[["set_name"]].drop_duplicates().reset_index(drop=True)
+    if not source.has_rows("concept"):
+        return labels.assign(codes=[[]] * len(labels), names=[[]] * len(labels),
+                             atc=[[]] * len(labels))
+    con = source.con
+    con.register("cf_listed", listed)
+    atc = ("""
+        SELECT l.set_name, list(DISTINCT a.concept_code || ' ' || a.concept_name
+                                ORDER BY a.concept_code || ' ' || a.concept_name) AS atc
+        FROM cf_listed l
+        JOIN concept_ancestor ca ON ca.descendant_concept_id = l.concept_id
+        JOIN concept a ON a.concept_id = ca.ancestor_concept_id
+        WHERE a.vocabulary_id = 'ATC' GROUP BY l.set_name
+    """ if source.has_rows("concept_ancestor") else
+        "SELECT NULL::VARCHAR AS set_name, NULL::VARCHAR[] AS atc WHERE false")
+    frame = con.execute(f"""
+        WITH coded AS (
+            SELECT l.set_name,
+                   list(DISTINCT c.vocabulary_id || ':' || c.concept_code
+                        ORDER BY c.vocabulary_id || ':' || c.concept_code) AS codes,
+                   list(DISTINCT c.concept_name ORDER BY c.concept_name) AS names
+            FROM cf_listed l JOIN concept c ON c.concept_id = l.concept_id
+            GROUP BY l.set_name
+        ), atc AS ({atc})
+        SELECT s.set_name, coalesce(coded.codes, []) AS codes,
+               coalesce(coded.names, []) AS names, coalesce(atc.atc, []) AS atc
+        FROM (SELECT DISTINCT set_name FROM cf_listed) s
+        LEFT JOIN coded USING (set_name) LEFT JOIN atc USING (set_name)
+    """).df()
+    con.unregister("cf_listed")
+    return frame

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from cohort.cohorts import EXPOSURE_COLUMNS, build_cohorts
-from cohort.concepts import resolve_concept_sets
+from cohort.concepts import concept_set_labels, resolve_concept_sets
 from cohort.covariates import build_covariates, domain_records
 from cohort.design import CohortDesign
 from cohort.outcomes import build_outcomes, outcome_attrition
@@ -108,6 +108,12 @@ def prepare_study(source: RecordSource, design: CohortDesign, workspace: Path) -
                 WHERE s.set_name = o.outcome) AS concept_ids
         FROM cf_outcome o ORDER BY o.outcome_id
     """).df()
+    labels = concept_set_labels(source, design.concept_sets).set_index("set_name")
+    for frame, name_column, prefix in ((comparisons, "treatment", "treatment_"),
+                                       (comparisons, "comparator", "comparator_"),
+                                       (outcomes, "outcome", "")):
+        for label in ("codes", "names", "atc"):
+            frame[f"{prefix}{label}"] = frame[name_column].map(labels[label])
     comparisons.to_parquet(workspace / "comparisons.parquet")
     outcomes.to_parquet(workspace / "outcomes.parquet")
     attrition.to_parquet(workspace / "attrition.parquet")

@@ -181,12 +181,13 @@ def finalize(
     outcomes = prepared.outcomes.set_index("outcome")
     estimates = tables["estimates"]
     if len(estimates):
-        estimates["treatment_concept_ids"] = estimates["comparison_id"].map(
-            comparisons["treatment_concept_ids"])
-        estimates["comparator_concept_ids"] = estimates["comparison_id"].map(
-            comparisons["comparator_concept_ids"])
-        estimates["outcome_concept_ids"] = estimates["outcome"].str.split("@").str[0].map(
-            outcomes["concept_ids"])  # a positive control keeps its negative control's ids
+        for arm in ("treatment", "comparator"):
+            for label in ("concept_ids", "codes", "names", "atc"):
+                column = f"{arm}_{label}"
+                estimates[column] = estimates["comparison_id"].map(comparisons[column])
+        base_outcome = estimates["outcome"].str.split("@").str[0]  # positive control -> its NC
+        for label in ("concept_ids", "codes", "names"):
+            estimates[f"outcome_{label}"] = base_outcome.map(outcomes[label])
     attrition = prepared.attrition.join(
         comparisons[["treatment", "comparator"]], on="comparison_id"
     )

@@ -59,7 +59,9 @@ TABLES: dict[str, str] = {
         treatment_concept_ids BIGINT[], comparator_concept_ids BIGINT[],
         outcome_concept_ids BIGINT[], status VARCHAR, message VARCHAR,
         true_effect_size DOUBLE, calibrated_se DOUBLE, e_value DOUBLE, e_value_ci DOUBLE,
-        q_value DOUBLE, rank INTEGER""",
+        q_value DOUBLE, rank INTEGER, treatment_codes VARCHAR[], treatment_names VARCHAR[],
+        treatment_atc VARCHAR[], comparator_codes VARCHAR[], comparator_names VARCHAR[],
+        comparator_atc VARCHAR[], outcome_codes VARCHAR[], outcome_names VARCHAR[]""",
 }
 RUN_TABLES = tuple(TABLES)
 DERIVED_TABLES = {"meta_analysis": META_COLUMNS}  # rebuilt per study when a run is written
@@ -77,7 +79,9 @@ VIEWS = {
                e.estimate AS uncalibrated_hr, e.ci_low AS uncalibrated_ci_low,
                e.ci_high AS uncalibrated_ci_high, e.e_value, e.e_value_ci,
                e.n_treated, e.n_comparator, e.events_treated, e.events_comparator,
-               e.treatment_concept_ids, e.comparator_concept_ids, e.outcome_concept_ids
+               e.treatment_concept_ids, e.comparator_concept_ids, e.outcome_concept_ids,
+               e.treatment_codes, e.treatment_names, e.treatment_atc, e.outcome_codes,
+               e.outcome_names
         FROM estimates e JOIN runs r USING (run_id)
         WHERE e.rank IS NOT NULL""",
     "triangulation": TRIANGULATION_VIEW,

@@ -46,7 +46,8 @@ TRIANGULATION_VIEW = f"""
                coalesce(e.calibrated_ci_low, e.ci_low) AS lo,
                coalesce(e.calibrated_ci_high, e.ci_high) AS hi,
                coalesce(d.passed, false) AS passed,
-               e.treatment_concept_ids, e.outcome_concept_ids
+               e.treatment_concept_ids, e.outcome_concept_ids, e.treatment_codes,
+               e.treatment_names, e.treatment_atc, e.outcome_codes, e.outcome_names
         FROM estimates e JOIN runs r USING (run_id) JOIN latest USING (run_id)
         LEFT JOIN diagnostics d USING (run_id, comparison_id, outcome, estimator)
         WHERE e.role = 'outcome' AND e.status = 'ok' AND e.estimator <> 'crude'
@@ -64,6 +65,11 @@ TRIANGULATION_VIEW = f"""
     SELECT est.study, est.treatment, est.outcome,
            any_value(treatment_concept_ids) AS treatment_concept_ids,
            any_value(outcome_concept_ids) AS outcome_concept_ids,
+           any_value(treatment_codes) AS treatment_codes,
+           any_value(treatment_names) AS treatment_names,
+           any_value(treatment_atc) AS treatment_atc,
+           any_value(outcome_codes) AS outcome_codes,
+           any_value(outcome_names) AS outcome_names,
            count(*) AS n_estimates, count(*) FILTER (WHERE passed) AS n_passing_diagnostics,
            list(DISTINCT method_family ORDER BY method_family) AS method_families,
            list(DISTINCT comparator ORDER BY comparator) AS comparators,

@@ -24,6 +24,7 @@ import pandas as pd
 import pytest
 
 from cohort.comparison_data import load_comparison
+from cohort.concepts import concept_set_labels
 from cohort.design import CohortDesign, ConceptSetDef, OutcomeDef
 from cohort.prepare import prepare_study
 from cohort.source import SourceError, open_source
@@ -216,3 +217,24 @@ def test_drug_exposure_as_exposure_table(tmp_path):
     source = open_source(folder)
     result = prepare_study(source, design(exposure_table="drug_exposure"), tmp_path / "ws")
     assert result.attrition.set_index("step").loc["at_risk", "treated_persons"] == 3
+
+
+def test_stable_identifiers_for_joining_outside_evidence(tmp_path):
+    folder = tiny_cdm(tmp_path / "cdm")
+    concept = pd.read_parquet(folder / "concept.parquet")
+    atc = pd.DataFrame([{"concept_id": 9001, "concept_name": "coxibs", "domain_id": "Drug",
+                         "vocabulary_id": "ATC", "concept_code": "M01AH"}])
+    pd.concat([concept, atc]).to_parquet(folder / "concept.parquet", index=False)
+    ancestor = pd.read_parquet(folder / "concept_ancestor.parquet")
+    pd.concat([ancestor, pd.DataFrame({"ancestor_concept_id": [9001],
+                                       "descendant_concept_id": [T]})]).to_parquet(
+        folder / "concept_ancestor.parquet", index=False)
+    source = open_source(folder)
+    labels = concept_set_labels(source, design().concept_sets).set_index("set_name")
+    assert list(labels.loc["t", "codes"]) == ["Test:101"]
+    assert list(labels.loc["t", "names"]) == ["drug T"]
+    assert list(labels.loc["t", "atc"]) == ["M01AH coxibs"]
+    assert list(labels.loc["c", "atc"]) == []
+    result = prepare_study(source, design(), tmp_path / "ws")
+    assert list(result.comparisons.loc[0, "treatment_atc"]) == ["M01AH coxibs"]
+    assert list(result.outcomes.loc[0, "codes"]) == ["Test:201"]
