@@ -122,3 +122,17 @@ def test_printed_summary_shows_truth_in_rank_order(demo_run):
     outcome_4 = wide[wide["outcome"] == "outcome_4"]
     assert outcome_4.iloc[0]["treatment"] == "drug_c" and outcome_4.iloc[0]["true_hr"] == 4.0
     assert list(outcome_4["rank"]) == [1, 2, 3, 4]
+
+
+def test_no_person_level_data_leaves_the_workspace(demo_run, tmp_path):
+    _, results, _, _, _ = demo_run
+    with open_store(results, read_only=True) as con:
+        columns = con.execute(
+            "SELECT table_name, column_name FROM information_schema.columns").fetchall()
+    assert not [c for c in columns if "person_id" in c[1].lower()]
+    from results.export import EXPORTS, export
+
+    for what in EXPORTS:
+        out = tmp_path / f"{what}.parquet"
+        export(results, what, out)
+        assert not [c for c in pd.read_parquet(out).columns if "person" in c.lower()]
