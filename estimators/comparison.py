@@ -24,12 +24,16 @@ from estimators.propensity import (
     effective_sample_size,
     equipoise,
     fit_propensity,
+    preference_score,
     ps_strata,
     stratification_weights,
 )
+from estimators.survival import weighted_km
 
 ESTIMATORS = ("crude", "iptw", "ps_strata")
 N_STRATA = 5
+HISTOGRAM_BINS = 50
+CURVE_POINTS = 100
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,8 @@ class ComparisonResult:
     diagnostics: list[dict] = field(default_factory=list)
     balance: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     propensity: dict = field(default_factory=dict)
+    preference_histogram: list[dict] = field(default_factory=list)
+    survival_curves: list[dict] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ def analyze_comparison(
             pref_equipoise = equipoise(ps_fit.ps, treated)
             result.propensity = {"auc": ps_fit.auc, "c": ps_fit.C,
                                  "n_nonzero": ps_fit.n_nonzero, "equipoise": pref_equipoise}
+            result.preference_histogram = _preference_histogram(ps_fit.ps, treated)
         except EstimationError as exc:
             ps_error = exc
     for name in estimators:
@@ -116,6 +123,9 @@ def analyze_comparison(
             }
     for outcome, data in outcomes.items():
         keep = ~data.prior if exclude_prior_outcome else np.ones(treated.shape[0], bool)
+        if data.role == "outcome":
+            result.survival_curves += _survival_curves(outcome, data, treated, keep,
+                                                       adjustments.get("iptw"))
         for name in estimators:
             adjustment = adjustments[name]
             row = _estimate(name, adjustment, data, treated, keep)
@@ -128,6 +138,39 @@ def analyze_comparison(
                 result.propensity.get("c"), pref_equipoise, X.shape[1],
             ))
     return result
+
+
+def _preference_histogram(ps: np.ndarray, treated: np.ndarray) -> list[dict]:
+    """Persons per preference-score bin and arm: the overlap picture reviewers look at."""
+    edges = np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)
+    score = preference_score(ps, treated)
+    rows = []
+    for arm, name in ((1, "treated"), (0, "comparator")):
+        counts, _ = np.histogram(score[treated == arm], bins=edges)
+        rows += [{"arm": name, "bin_low": lo, "bin_high": hi, "persons": int(c)}
+                 for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=True)]
+    return rows
+
+
+def _survival_curves(outcome: str, data: OutcomeInput, treated: np.ndarray, keep: np.ndarray,
+                     iptw: _Adjustment | EstimationError | None) -> list[dict]:
+    """Kaplan-Meier curves per arm, unadjusted and IPTW-weighted, at most CURVE_POINTS each."""
+    rows = []
+    weightings = [("crude", None)]
+    if isinstance(iptw, _Adjustment):
+        weightings.append(("iptw", iptw.weights))
+    for adjustment, weights in weightings:
+        for arm, name in ((1, "treated"), (0, "comparator")):
+            rows_arm = keep & (treated == arm)
+            if not data.event[rows_arm].any():
+                continue
+            curve = weighted_km(data.time[rows_arm], data.event[rows_arm],
+                                None if weights is None else weights[rows_arm])
+            pick = np.unique(np.linspace(0, curve.time.size - 1, CURVE_POINTS).astype(int))
+            rows += [{"outcome": outcome, "adjustment": adjustment, "arm": name,
+                      "day": float(day), "survival": float(surv)}
+                     for day, surv in zip(curve.time[pick], curve.survival[pick], strict=True)]
+    return rows
 
 
 def _arm_ess(weights: np.ndarray | None, treated: np.ndarray) -> tuple[float, float]:

@@ -30,7 +30,7 @@ from results.evidence import assemble_evidence
 from results.gates import Thresholds
 from results.store import write_run
 
-RESULT_TABLES = ("estimates", "diagnostics", "balance")
+RESULT_TABLES = ("estimates", "diagnostics", "balance", "ps_distribution", "km_curves")
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,10 @@ def analyze(study_file: str, workspace: str, comparison_id: int) -> dict:
     _balance_frame(result.balance, data.covariate_ids, prepared.workspace).assign(
         comparison_id=comparison_id
     ).to_parquet(out / "balance.parquet")
+    for table, rows in (("ps_distribution", result.preference_histogram),
+                        ("km_curves", result.survival_curves)):
+        pd.DataFrame(rows).assign(comparison_id=comparison_id).to_parquet(
+            out / f"{table}.parquet")
     return {
         "comparison_id": comparison_id,
         "seconds": round(time.perf_counter() - started, 3),

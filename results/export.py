@@ -22,7 +22,7 @@ EXPORTS = {
     "meta_analysis": "SELECT * FROM meta_analysis",
 }
 PERSON_COUNTS = ("n_treated", "n_comparator", "events_treated", "events_comparator",
-                 "treated_persons", "comparator_persons")
+                 "treated_persons", "comparator_persons", "persons")
 FORMATS = (".parquet", ".csv", ".json")
 
 

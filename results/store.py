@@ -48,6 +48,12 @@ TABLES: dict[str, str] = {
         covariate_name VARCHAR, analysis VARCHAR, concept_id BIGINT,
         mean_treated_before DOUBLE, mean_comparator_before DOUBLE, smd_before DOUBLE,
         mean_treated_after DOUBLE, mean_comparator_after DOUBLE, smd_after DOUBLE""",
+    "ps_distribution": """
+        run_id VARCHAR, comparison_id INTEGER, arm VARCHAR, bin_low DOUBLE, bin_high DOUBLE,
+        persons BIGINT""",
+    "km_curves": """
+        run_id VARCHAR, comparison_id INTEGER, outcome VARCHAR, adjustment VARCHAR,
+        arm VARCHAR, day DOUBLE, survival DOUBLE""",
     "estimates": """
         run_id VARCHAR, comparison_id INTEGER, treatment VARCHAR, comparator VARCHAR,
         outcome VARCHAR, role VARCHAR, estimator VARCHAR, measure VARCHAR, estimand VARCHAR,
