@@ -120,6 +120,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from flows.config import StudyConfig
+
+    schema = StudyConfig.model_json_schema()
+    schema["title"] = "cohortflow study file"
+    print(json.dumps(schema, indent=1))
+    return 0
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     from results.store import query
 
@@ -193,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--results", type=Path, default=Path(DEFAULT_RESULTS))
     export.add_argument("--verbose", action="store_true")
     export.set_defaults(func=cmd_export)
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of the study file (for "
+                                           "editor completion)")
+    schema.set_defaults(func=cmd_schema)
 
     query = sub.add_parser("query", help="read-only SQL over the result store")
     query.add_argument("sql")

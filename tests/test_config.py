@@ -173,3 +173,15 @@ def test_every_documented_key_is_known():
                   "negative_controls", "follow_up", "covariates", "estimators", "horizon_days",
                   "diagnostics", "min_cell_count", "schedule", "positive_controls"}
     assert documented == set(StudyConfig.model_fields)
+
+
+def test_schema_command_prints_the_study_file_schema(capsys):
+    import json
+
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["title"] == "cohortflow study file"
+    assert {"study", "source", "concept_sets", "treatments", "comparator", "outcomes"} <= set(
+        schema["required"])
+    assert schema["additionalProperties"] is False
+    assert "positive_controls" in schema["properties"]
