@@ -17,7 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from estimators.errors import EstimationError
-from estimators.propensity import as_treated
+from estimators.propensity import as_covariates, as_treated
 
 _REL_TOL = 1e-10
 """Variances and mean differences this small relative to the data's scale count as zero."""
@@ -41,20 +41,7 @@ def covariate_balance(X, treated: np.ndarray, weights: np.ndarray | None = None)
 
     Sparse X stays sparse: sums come from X.T @ W products. Weights are applied within each arm.
     """
-    if sp.issparse(X):
-        if X.ndim != 2:
-            raise EstimationError(f"covariates must be 2-D, got shape {X.shape}")
-        X = sp.csr_matrix(X)
-        if not np.issubdtype(X.dtype, np.floating):
-            X = X.astype(np.float64)
-        values = X.data
-    else:
-        X = np.asarray(X, dtype=np.float64)
-        if X.ndim != 2:
-            raise EstimationError(f"covariates must be 2-D, got shape {X.shape}")
-        values = X
-    if not np.isfinite(values).all():
-        raise EstimationError("covariates contain NaN or infinite values")
+    X = as_covariates(X)
     t = as_treated(treated, X.shape[0])
 
     if weights is None:
@@ -79,7 +66,7 @@ def covariate_balance(X, treated: np.ndarray, weights: np.ndarray | None = None)
     sum_w2 = (W * W).sum(axis=0)
 
     if sp.issparse(X):
-        binary = bool(np.all((values == 0) | (values == 1)))
+        binary = bool(np.all((X.data == 0) | (X.data == 1)))
         X2 = X if binary else X.multiply(X).tocsr()
         m = np.asarray(X.T @ W)
         m2 = np.asarray(X2.T @ W)

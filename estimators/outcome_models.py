@@ -187,6 +187,13 @@ def _check_bootstrap(n_bootstrap: int) -> None:
 class _BootstrappedOutcomeModel(CausalEstimator):
     """Shared fit: point estimate on all rows, then a seeded stratified bootstrap of it."""
 
+    def __init__(self, outcome_model: Any = None, estimand: OutcomeEstimand = "ATE",
+                 n_bootstrap: int = 200, seed: int = 0) -> None:
+        self.outcome_model = outcome_model
+        self.estimand = estimand
+        self.n_bootstrap = n_bootstrap
+        self.seed = seed
+
     outcome_model: Any
     estimand: OutcomeEstimand
     n_bootstrap: int
@@ -236,13 +243,6 @@ class Standardization(_BootstrappedOutcomeModel):
     With a linear model and no interactions the ATE equals the OLS coefficient of t.
     """
 
-    def __init__(self, outcome_model: Any = None, estimand: OutcomeEstimand = "ATE",
-                 n_bootstrap: int = 200, seed: int = 0) -> None:
-        self.outcome_model = outcome_model
-        self.estimand = estimand
-        self.n_bootstrap = n_bootstrap
-        self.seed = seed
-
     def _point(self, X: Covariates, t: np.ndarray, y: np.ndarray, keep: bool) -> float:
         model = fit_outcome(self._model, with_column(X, t), y)
         if keep:
@@ -261,13 +261,6 @@ class Standardization(_BootstrappedOutcomeModel):
 
 class TLearner(_BootstrappedOutcomeModel):
     """Separate outcome models per arm; effects are the differences of their predictions."""
-
-    def __init__(self, outcome_model: Any = None, estimand: OutcomeEstimand = "ATE",
-                 n_bootstrap: int = 200, seed: int = 0) -> None:
-        self.outcome_model = outcome_model
-        self.estimand = estimand
-        self.n_bootstrap = n_bootstrap
-        self.seed = seed
 
     def _point(self, X: Covariates, t: np.ndarray, y: np.ndarray, keep: bool) -> float:
         arms = [np.flatnonzero(t == arm) for arm in (0, 1)]
