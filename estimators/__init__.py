@@ -7,6 +7,7 @@
 from estimators.doubly_robust import AIPW, DoubleML
 from estimators.effect import EffectEstimate
 from estimators.errors import EstimationError
+from estimators.forest import CausalForest
 from estimators.iv import TwoStageLeastSquares
 from estimators.matching import PSMatching
 from estimators.outcome_models import Standardization, TLearner
@@ -16,6 +17,7 @@ from estimators.weighting import IPW, Crude, OverlapWeights
 __all__ = [
     "AIPW",
     "IPW",
+    "CausalForest",
     "Crude",
     "DoubleML",
     "EffectEstimate",
