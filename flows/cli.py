@@ -85,6 +85,8 @@ def _print_summary(run: dict, args: argparse.Namespace, extra: Callable | None =
     if len(nulls) and nulls["negative_controls"].max() > 0:
         print(f"\nsystematic error ({primary}), from the negative controls:")
         print(nulls.drop(columns=["note"]).to_string(index=False))
+    if run.get("report"):
+        print(f"\nreport: {run['report']}")
     print(f"\nresults: {args.results}  (cohortflow rank --results {args.results}; "
           f"cohortflow query \"SELECT * FROM estimates WHERE run_id = '{run['run_id']}'\")")
 
@@ -117,6 +119,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise StoreError(str(exc)) from None
     print(f"{args.out}: {rows} row(s) of {args.what} (counts below min_cell_count masked)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from results.report import write_report
+
+    out = write_report(Path(args.results), Path(args.out), run_id=args.run)
+    print(f"{out}: report written (open it in a browser; it needs no network)")
     return 0
 
 
@@ -204,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--results", type=Path, default=Path(DEFAULT_RESULTS))
     export.add_argument("--verbose", action="store_true")
     export.set_defaults(func=cmd_export)
+
+    report = sub.add_parser("report", help="write a self-contained HTML report of a run")
+    report.add_argument("--out", required=True, help="the .html file to write")
+    report.add_argument("--run", help="a run id (default: the latest completed run)")
+    report.add_argument("--results", type=Path, default=Path(DEFAULT_RESULTS))
+    report.add_argument("--verbose", action="store_true")
+    report.set_defaults(func=cmd_report)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of the study file (for "
                                            "editor completion)")

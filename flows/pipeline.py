@@ -225,6 +225,13 @@ def finalize(
     return run
 
 
+def report(results: Path, run_id: str, data_dir: Path) -> Path:
+    """Write the run's HTML report to data/reports/<run_id>.html."""
+    from results.report import write_report
+
+    return write_report(results, data_dir / "reports" / f"{run_id}.html", run_id=run_id)
+
+
 def _gather(workspace: Path, table: str) -> pd.DataFrame:
     files = sorted((workspace / "analysis").glob(f"comparison_*/{table}.parquet"))
     frames = [pd.read_parquet(f) for f in files]

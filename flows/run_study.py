@@ -39,6 +39,11 @@ def finalize_task(study_file: str, paths: pipeline.RunPaths, prepared: dict,
     return pipeline.finalize(study_file, paths, prepared, analyses, started_at, timings)
 
 
+@task(name="write-report", cache_policy=NO_CACHE)
+def report_task(results_path: str, run_id: str, data_dir: str) -> Path:
+    return pipeline.report(Path(results_path), run_id, Path(data_dir))
+
+
 @flow(name="run-study", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def run_study(study_file: str, results_path: str = "data/results.duckdb",
               data_dir: str = "data", show_progress: bool = True) -> dict:
@@ -76,6 +81,8 @@ def run_study(study_file: str, results_path: str = "data/results.duckdb",
                         key=lambda a: a["comparison_id"]), started_at, timings)
     logger.info("run %s written to %s in %.1f s", paths.run_id, results_path,
                 time.perf_counter() - clock)
+    run["report"] = str(report_task(results_path, paths.run_id, data_dir))
+    logger.info("report: %s", run["report"])
     return run
 
 
