@@ -1,0 +1,322 @@
+"""The HTML report of a run (results.report): every section for every comparison, embedded
+figures only (no network), small counts masked, store strings escaped; rendered headless in
+Chromium when it is installed (screenshots land in data/report-screenshots/)."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import subprocess
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+
+from cohort.synthetic import generate_demo_cdm
+from results.report import SUBSECTIONS, write_report
+from tests.plain_run import run_study_plain
+
+ROOT = Path(__file__).parents[1]
+GIBLEED = ROOT.parent / "shared" / "data" / "eunomia_gibleed"
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = ROOT / "data" / "report-screenshots"
+SCRIPT = "<script>alert(1)</script>"
+DEMO_SOURCE = "source: ../data/demo/cdm"
+
+
+class Page(HTMLParser):
+    """What the tests look at in a report: ids, links, images, count cells, scripts."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.ids: set[str] = set()
+        self.hrefs: list[str] = []
+        self.images: list[dict] = []
+        self.scripts = 0
+        self.external: list[str] = []
+        self.counts: list[str] = []
+        self._in_count = False
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if tag == "a" and "href" in attrs:
+            self.hrefs.append(attrs["href"])
+        if tag == "img":
+            self.images.append(attrs)
+        if tag == "script":
+            self.scripts += 1
+        for name in ("src", "href"):
+            value = attrs.get(name) or ""
+            if value and not value.startswith(("#", "data:")):
+                self.external.append(f"{tag} {name}={value}")
+        if tag == "link":
+            self.external.append(f"link {attrs}")
+        self._in_count = tag == "td" and "count" in (attrs.get("class") or "").split()
+        if self._in_count:
+            self.counts.append("")
+
+    def handle_endtag(self, tag):
+        if tag == "td":
+            self._in_count = False
+
+    def handle_data(self, data):
+        if self._in_count:
+            self.counts[-1] += data
+
+
+def _study(text: str, **replace: str) -> str:
+    text = text.replace(DEMO_SOURCE, "source: cdm")
+    for old, new in replace.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
+def _render(results: Path, out: Path, run_id: str | None = None) -> tuple[Path, str, float]:
+    started = time.perf_counter()
+    path = write_report(results, out, run_id)
+    seconds = time.perf_counter() - started
+    return path, path.read_text(encoding="utf-8"), seconds
+
+
+def _comparison_ids(results: Path, run_id: str) -> list[int]:
+    with duckdb.connect(str(results), read_only=True) as con:
+        return [r[0] for r in con.execute(
+            "SELECT DISTINCT comparison_id FROM estimates WHERE run_id = ? ORDER BY 1",
+            [run_id]).fetchall()]
+
+
+def _count_values(page: Page) -> list[str]:
+    """Every number-like value shown in a count cell ("2,204 / <5" gives two)."""
+    return [part.strip() for cell in page.counts for part in cell.split("/")]
+
+
+def _assert_masked(page: Page, min_cell_count: int) -> None:
+    values = _count_values(page)
+    assert values
+    for value in values:
+        if value in ("-", "0", f"<{min_cell_count}"):
+            continue
+        assert value.replace(",", "").isdigit(), value
+        assert int(value.replace(",", "")) >= min_cell_count, value
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report_demo")
+    generate_demo_cdm(out / "cdm", persons=20_000, seed=0)
+    study = out / "demo.yaml"
+    study.write_text(_study((ROOT / "configs" / "demo.yaml").read_text()))
+    results = out / "results.duckdb"
+    run = run_study_plain(study, results, out / "data")
+    path, text, seconds = _render(results, out / "report.html")  # default: the latest run
+    return {"results": results, "run": run, "path": path, "html": text, "page": Page(text),
+            "seconds": seconds}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 2,000-person CDM with two variants: min_cell_count 1000 and a description holding a
+    script tag; and crude estimates only, without negative or positive controls."""
+    out = tmp_path_factory.mktemp("report_tiny")
+    generate_demo_cdm(out / "cdm", persons=2_000, seed=1)
+    demo_text = (ROOT / "configs" / "demo.yaml").read_text()
+    masked = out / "masked.yaml"
+    masked.write_text(_study(demo_text, **{
+        "min_cell_count: 5": "min_cell_count: 1000",
+        "description: Synthetic": f"description: {SCRIPT} Synthetic"}))
+    controls = demo_text[demo_text.index("negative_controls:"):demo_text.index("follow_up:")]
+    crude = out / "crude.yaml"
+    crude.write_text(_study(demo_text, **{
+        controls: "", "study: demo": "study: demo_crude",
+        "estimators: [crude, iptw, ps_strata]": "estimators: [crude]"}))
+    runs = {}
+    for name, study in (("masked", masked), ("crude", crude)):
+        results = out / f"{name}.duckdb"
+        run = run_study_plain(study, results, out / "data")
+        path, text, _ = _render(results, out / f"{name}.html", run["run_id"])
+        runs[name] = {"results": results, "run": run, "path": path, "html": text,
+                      "page": Page(text)}
+    return runs
+
+
+@pytest.fixture(scope="module")
+def gibleed(tmp_path_factory):
+    if not GIBLEED.is_dir():
+        pytest.skip(f"{GIBLEED} is absent (team data not here): no GiBleed report")
+    out = tmp_path_factory.mktemp("report_gibleed")
+    results = out / "results.duckdb"
+    run = run_study_plain(ROOT / "configs" / "gibleed.yaml", results, out / "data")
+    path, text, seconds = _render(results, out / "gibleed.html")
+    return {"results": results, "run": run, "path": path, "html": text, "page": Page(text),
+            "seconds": seconds}
+
+
+def _assert_sections(report) -> None:
+    page = report["page"]
+    ids = _comparison_ids(report["results"], report["run"]["run_id"])
+    assert ids and len(ids) == report["run"]["n_comparisons"]
+    assert {"toc", "summary", "ranking", "js-errors"} <= page.ids
+    for cid in ids:
+        assert f"comparison-{cid}" in page.ids
+        assert f"#comparison-{cid}" in page.hrefs                    # table of contents
+        for key, _ in SUBSECTIONS:
+            assert f"comparison-{cid}-{key}" in page.ids
+            assert f"#comparison-{cid}-{key}" in page.hrefs
+
+
+def _assert_self_contained(report) -> None:
+    page, text = report["page"], report["html"]
+    assert page.external == []
+    assert "http://" not in text and "https://" not in text
+    for image in page.images:
+        assert image["src"].startswith("data:image/png;base64,")
+        png = base64.b64decode(image["src"].split(",", 1)[1])
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+
+
+def _figures(report) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for image in report["page"].images:
+        kinds[image["data-figure"]] = kinds.get(image["data-figure"], 0) + 1
+    return kinds
+
+
+def test_demo_report_has_every_section_for_every_comparison(demo):
+    _assert_sections(demo)
+    assert demo["run"]["run_id"] in demo["html"]                  # the latest run by default
+    assert "Synthetic screen of four drugs" in demo["html"]
+    assert demo["html"].count('<table class="sortable') >= 1 + 4 * 3
+
+
+def test_demo_report_embeds_every_figure(demo):
+    assert len(demo["page"].images) == 1 + 4 * 5
+    assert _figures(demo) == {"forest": 1, "attrition": 4, "ps": 4, "balance": 4,
+                              "calibration": 4, "km": 4}
+    _assert_self_contained(demo)
+
+
+def test_demo_report_renders_in_a_few_seconds(demo):
+    print(f"demo report: {demo['seconds']:.2f} s, {demo['path'].stat().st_size / 1e6:.1f} MB")
+    assert demo["seconds"] < 20
+
+
+def test_demo_counts_are_shown_and_small_ones_masked(demo):
+    _assert_masked(demo["page"], 5)
+    with duckdb.connect(str(demo["results"]), read_only=True) as con:
+        treated = con.execute("SELECT treated_persons FROM attrition WHERE comparison_id = 1 "
+                              "AND step = 'at_risk'").fetchone()[0]
+    assert f"{treated:,}" in demo["page"].counts
+
+
+def test_counts_below_min_cell_count_are_masked_everywhere(tiny):
+    report = tiny["masked"]
+    page, text = report["page"], report["html"]
+    _assert_masked(page, 1000)
+    assert "&lt;1000" in text and sum(v == "<1000" for v in _count_values(page)) > 50
+    with duckdb.connect(str(report["results"]), read_only=True) as con:
+        small = {v for (v,) in con.execute("""
+            SELECT treated_persons FROM attrition UNION SELECT comparator_persons FROM attrition
+            UNION SELECT n_treated FROM estimates UNION SELECT events_treated FROM estimates
+            UNION SELECT events_comparator FROM estimates""").fetchall()
+            if v is not None and 0 < v < 1000}
+    assert len(small) > 20
+    shown = {v.replace(",", "") for v in _count_values(page)}
+    assert not shown & {str(v) for v in small}
+    # free text (warnings, failure messages) has its counts masked too
+    assert "only 2" not in text
+    assert not re.search(r"\b[1-9]\d{0,2} (events|at risk)\b", text)
+    assert re.search(r"&lt;1000 (events|at risk)", text)
+
+
+def test_store_strings_are_escaped(tiny):
+    text, page = tiny["masked"]["html"], tiny["masked"]["page"]
+    assert SCRIPT not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert page.scripts == 2                                     # the report's own two
+    _assert_sections(tiny["masked"])
+
+
+def test_crude_only_run_without_controls(tiny):
+    report = tiny["crude"]
+    _assert_sections(report)
+    _assert_self_contained(report)
+    assert _figures(report) == {"forest": 1, "attrition": 4, "km": 4}
+    assert "no negative-control estimates" in report["html"]
+    assert "crude hazard ratios only" in report["html"]
+    assert "Ranking (crude)" in report["html"]
+    _assert_masked(report["page"], 5)
+
+
+def test_failed_estimates_and_outcomes_without_events(tiny, tmp_path):
+    results = tmp_path / "failed.duckdb"
+    shutil.copy(tiny["crude"]["results"], results)
+    run_id = tiny["crude"]["run"]["run_id"]
+    with duckdb.connect(str(results)) as con:
+        con.execute("""
+            UPDATE estimates SET status = 'failed', estimate = NULL, ci_low = NULL,
+                   ci_high = NULL, se = NULL, p_value = NULL, events_treated = 0,
+                   message = 'no events among the treated (3 at risk): hazard ratio not '
+                             || 'estimable <b>'
+            WHERE comparison_id = 1 AND outcome = 'outcome_1'""")
+        con.execute("DELETE FROM km_curves WHERE comparison_id = 1 AND outcome = 'outcome_1'")
+    _, text, _ = _render(results, tmp_path / "failed.html", run_id)
+    page = Page(text)
+    assert "failed</span>: no events among the treated (&lt;5 at risk)" in text
+    assert "(3 at risk)" not in text and "<b>" not in text and "&lt;b&gt;" in text
+    assert len(page.images) == 1 + 4 * 2
+    _assert_masked(page, 5)
+
+
+@pytest.mark.shared_data
+def test_gibleed_report(gibleed):
+    _assert_sections(gibleed)
+    _assert_self_contained(gibleed)
+    assert _figures(gibleed) == {"forest": 1, "attrition": 1, "ps": 1, "balance": 1, "km": 1}
+    assert "no negative-control estimates" in gibleed["html"]
+    assert "celecoxib" in gibleed["html"] and "gi_bleed" in gibleed["html"]
+    _assert_masked(gibleed["page"], 5)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(),
+                    reason=f"{CHROMIUM} is absent: apt-get install -y chromium to render "
+                           "the report headless")
+@pytest.mark.parametrize("which", ["demo", pytest.param("gibleed",
+                                                        marks=pytest.mark.shared_data)])
+def test_report_renders_in_headless_chromium(which, request, tmp_path):
+    report = request.getfixturevalue(which)
+    flags = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+             f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0"]
+    url = report["path"].resolve().as_uri()
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True,
+                         timeout=180)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    console = [line for line in dom.stderr.splitlines()
+               if "CONSOLE" in line and ("Uncaught" in line or "ERROR" in line)]
+    assert console == []
+    assert re.search(r'<div id="js-errors">\s*</div>', dom.stdout), "window.onerror fired"
+    images = len(report["page"].images)
+    assert f'data-images-loaded="{images}/{images}"' in dom.stdout  # every PNG decoded
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    shot = SCREENSHOTS / f"{which}.png"
+    shot.unlink(missing_ok=True)
+    taken = subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1400,4000", url],
+                           capture_output=True, text=True, timeout=180)
+    assert taken.returncode == 0, taken.stderr[-2000:]
+    assert shot.exists() and shot.stat().st_size > 20_000
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)[..., :3]
+    assert pixels.shape[:2] == (4000, 1400)
+    assert float(np.std(pixels)) > 0.05                          # not a blank page
+    assert (pixels.reshape(-1, 3).min(axis=1) < 0.5).mean() > 0.01  # some ink on it
