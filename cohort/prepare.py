@@ -19,7 +19,7 @@ from cohort.concepts import concept_set_labels, resolve_concept_sets
 from cohort.covariates import build_covariates, domain_records
 from cohort.design import CohortDesign
 from cohort.outcomes import build_outcomes, outcome_attrition
-from cohort.source import REQUIRED_COLUMNS, RecordSource, SourceError
+from cohort.source import REQUIRED_COLUMNS, RecordSource, SourceError, scalar
 
 PARTITIONED = {"cohort": "cf_cohort", "covariate": "cf_covariate",
                "outcome_time": "cf_outcome_time"}
@@ -74,10 +74,15 @@ def prepare_study(source: RecordSource, design: CohortDesign, workspace: Path) -
 
     warnings = resolve_concept_sets(source, design.concept_sets)
     _check_arms_have_concepts(source, design)
+    check_usable_rows(source, design)
+    warnings += data_warnings(source, design)
     lap("concept_sets")
     attrition = build_cohorts(source, design)
+    _check_cohorts(source, design, attrition)
+    warnings += _cohort_warnings(source)
     lap("cohorts")
     outcomes = build_outcomes(source, design)
+    _check_outcome_events(source, design)
     attrition = pd.concat([attrition, outcome_attrition(source, design)], ignore_index=True)
     lap("outcomes")
     covariate_ref = build_covariates(source, design)
@@ -137,3 +142,101 @@ def _check_arms_have_concepts(source: RecordSource, design: CohortDesign) -> Non
             f"{source.path}: concept set(s) {', '.join(r[0] for r in empty)} resolve to no "
             "concepts (every included id is also excluded)"
         )
+
+
+def check_usable_rows(source: RecordSource, design: CohortDesign) -> None:
+    """An empty person, observation_period, exposure or condition table is an input error.
+
+    Cheap (one EXISTS per table): `flows.pipeline.preflight` can call it too.
+    """
+    exposure, _, start, _ = EXPOSURE_COLUMNS[design.exposure_table]
+    needs = {"person": "person_id", "observation_period": "observation_period_start_date",
+             exposure: start, "condition_occurrence": "condition_start_date"}
+    problems = []
+    for table, column in needs.items():  # constant names only reach the SQL
+        if not source.has_rows(table):
+            problems.append(f"table {table} has no rows")
+        elif not scalar(source.con, f"SELECT EXISTS (SELECT 1 FROM {table} "
+                                    f"WHERE {column} IS NOT NULL)"):
+            problems.append(f"table {table} has no rows with a {column}")
+    if problems:
+        raise SourceError(f"{source.path}: {'; '.join(problems)}")
+
+
+def data_warnings(source: RecordSource, design: CohortDesign) -> list[str]:
+    """Records the cohort rules skip or repair, counted for the run record (never silent)."""
+    exposure, _, start, end = EXPOSURE_COLUMNS[design.exposure_table]
+    op_start, op_end = "observation_period_start_date", "observation_period_end_date"
+    checks = [  # (table, SQL count over the table, what happens to those rows)
+        (exposure, f"count(*) FILTER (WHERE {start} IS NULL)", f"row(s) without {start} "
+         "(ignored)"),
+        (exposure, f"count(*) FILTER (WHERE {end} < {start})", "row(s) ending before they "
+         "start (counted as one-day exposures)"),
+        ("observation_period", f"count(*) FILTER (WHERE {op_start} IS NULL OR {op_end} IS NULL)",
+         "row(s) without a start or end date (ignored)"),
+        ("observation_period", f"count(*) FILTER (WHERE {op_end} < {op_start})",
+         "row(s) ending before they start (ignored)"),
+        ("condition_occurrence", "count(*) FILTER (WHERE condition_start_date IS NULL)",
+         "row(s) without condition_start_date (ignored)"),
+        ("person", "count(person_id) - count(DISTINCT person_id)", "duplicate person_id "
+         "row(s) (the lowest year_of_birth and gender_concept_id are used)"),
+    ]
+    warnings = []
+    for table, count, consequence in checks:  # constant SQL only
+        found = scalar(source.con, f"SELECT {count} FROM {table}")
+        if found:
+            warnings.append(f"{table}: {found} {consequence}")
+    overlapping = scalar(source.con, f"""
+        SELECT count(DISTINCT person_id) FROM (
+            SELECT person_id, {op_start} AS period_start,
+                   max({op_end}) OVER (PARTITION BY person_id ORDER BY {op_start}
+                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS earlier_end
+            FROM observation_period WHERE {op_end} >= {op_start})
+        WHERE period_start <= earlier_end
+    """)
+    if overlapping:
+        warnings.append(f"observation_period: {overlapping} person(s) with overlapping periods "
+                        "(the periods containing time zero are combined)")
+    return warnings
+
+
+def _check_cohorts(source: RecordSource, design: CohortDesign, attrition: pd.DataFrame) -> None:
+    """When no comparison keeps persons in both arms there is nothing to estimate: say why."""
+    steps = attrition.sort_values(["comparison_id", "step_index"])
+    final = steps.groupby("comparison_id").last()
+    if ((final["treated_persons"] > 0) & (final["comparator_persons"] > 0)).any():
+        return
+    details = []
+    for comparison_id, rows in steps.groupby("comparison_id"):
+        treatment, comparator = design.comparisons[int(comparison_id) - 1]
+        empty = rows[(rows["treated_persons"] == 0) | (rows["comparator_persons"] == 0)].iloc[0]
+        arms = " and ".join(arm for arm, column in (("treated", "treated_persons"),
+                                                    ("comparator", "comparator_persons"))
+                            if empty[column] == 0)
+        details.append(f"{treatment} vs {comparator}: no {arms} persons left after step "
+                       f"{empty['step']} ({empty['description']})")
+    raise SourceError(f"{source.path}: no comparison has persons in both arms; "
+                      f"{'; '.join(details)}")
+
+
+def _cohort_warnings(source: RecordSource) -> list[str]:
+    """Cohort members whose data contradict themselves (kept, but reported)."""
+    before_birth = scalar(source.con, "SELECT count(DISTINCT person_id) FROM cf_cohort "
+                                      "WHERE year(index_date) < year_of_birth")
+    if not before_birth:
+        return []
+    return [f"person: {before_birth} cohort member(s) with time zero before their year of "
+            "birth (kept; population.min_age excludes them)"]
+
+
+def _check_outcome_events(source: RecordSource, design: CohortDesign) -> None:
+    """No event of any outcome in any comparison: every estimate would fail, so say why."""
+    if scalar(source.con, "SELECT EXISTS (SELECT 1 FROM cf_outcome_time "
+                          "WHERE event_time IS NOT NULL)"):
+        return
+    names = [o.name for o in design.outcomes]
+    listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    raise SourceError(
+        f"{source.path}: no outcome events: no outcome ({listed}) has a condition_occurrence "
+        "record during follow-up in any comparison"
+    )

@@ -31,6 +31,27 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "concept_ancestor": ("ancestor_concept_id", "descendant_concept_id"),
 }
 OPTIONAL_TABLES = ("concept", "concept_ancestor", "cdm_source")
+NUMBER_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT",
+                "UINTEGER", "UBIGINT", "UHUGEINT", "FLOAT", "DOUBLE", "DECIMAL")
+
+
+def column_kind(column: str) -> str:
+    """What a required column holds: 'date', 'number' (ids, year of birth) or 'text'."""
+    if column.endswith("_date"):
+        return "date"
+    if column.endswith("_concept_id") or column in ("person_id", "concept_id", "year_of_birth"):
+        return "number"
+    return "text"
+
+
+def _type_problem(column: str, kind: str) -> str | None:
+    """Why a column of DuckDB type `kind` cannot serve as `column`, or None."""
+    expected = column_kind(column)
+    if expected == "date" and kind != "DATE":
+        return f"column {column} is {kind} (expected DATE)"
+    if expected == "number" and kind.split("(")[0] not in NUMBER_TYPES:
+        return f"column {column} is {kind} (expected an integer)"
+    return None
 
 
 def scalar(con: duckdb.DuckDBPyConnection, sql: str, params: object = None) -> object:
@@ -49,6 +70,7 @@ class RecordSource:
     path: Path
     con: duckdb.DuckDBPyConnection
     tables: dict[str, list[str]] = field(default_factory=dict)  # table -> column names
+    types: dict[str, dict[str, str]] = field(default_factory=dict)  # table -> column -> type
     files: dict[str, Path] = field(default_factory=dict)
 
     @property
@@ -74,6 +96,11 @@ class RecordSource:
             missing = [c for c in columns if c not in self.tables[table]]
             if missing:
                 problems.append(f"table {table} lacks column(s) {', '.join(missing)}")
+            kinds = self.types.get(table, {})
+            for column in columns:
+                problem = _type_problem(column, kinds[column]) if column in kinds else None
+                if problem:
+                    problems.append(f"table {table} {problem}")
         if problems:
             raise SourceError(f"{self.path}: {'; '.join(problems)}")
 
@@ -134,11 +161,10 @@ def _attach_parquet_folder(source: RecordSource) -> None:
         if not table.replace("_", "").isalnum():
             continue
         try:
-            source.con.read_parquet(str(file)).create_view(table)
+            _create_view(source, table, source.con.read_parquet(str(file)))
         except duckdb.Error as exc:
             raise SourceError(f"{file}: not a readable Parquet file ({exc})") from None
         source.files[table] = file
-        source.tables[table] = _columns(source.con, table)
 
 
 def _attach_duckdb_file(source: RecordSource) -> None:
@@ -159,11 +185,26 @@ def _attach_duckdb_file(source: RecordSource) -> None:
         if not table.replace("_", "").isalnum():
             continue
         schema, name = sorted(places, key=lambda p: p[0] != "main")[0]
-        source.con.execute(
-            f'CREATE VIEW "{table}" AS SELECT * FROM cdm."{schema}"."{name}"'
-        )
-        source.tables[table] = _columns(source.con, table)
+        _create_view(source, table, source.con.sql(f'SELECT * FROM cdm."{schema}"."{name}"'))
 
 
-def _columns(con: duckdb.DuckDBPyConnection, table: str) -> list[str]:
-    return [row[0].lower() for row in con.execute(f'DESCRIBE "{table}"').fetchall()]
+def _create_view(source: RecordSource, table: str, relation: duckdb.DuckDBPyRelation) -> None:
+    """Expose `relation` as view `table`, with the column types the cohort SQL expects.
+
+    Required date columns stored as timestamps, and required columns of Parquet's null type
+    (all values NULL), are cast; other wrong types are reported by `require`.
+    """
+    kinds = {name.lower(): str(kind).strip('"') for name, kind in zip(
+        relation.columns, relation.types, strict=True)}
+    casts = []
+    for column in REQUIRED_COLUMNS.get(table, ()):  # constant names only reach the SQL
+        kind, expected = kinds.get(column), column_kind(column)
+        if kind == "NULL" or (expected == "date" and str(kind).startswith("TIMESTAMP")):
+            target = {"date": "DATE", "number": "BIGINT", "text": "VARCHAR"}[expected]
+            casts.append(f'CAST("{column}" AS {target}) AS "{column}"')
+    if casts:
+        relation = relation.project(f"* REPLACE ({', '.join(casts)})")
+    relation.create_view(table)
+    described = source.con.execute(f'DESCRIBE "{table}"').fetchall()
+    source.tables[table] = [row[0].lower() for row in described]
+    source.types[table] = {row[0].lower(): row[1] for row in described}

@@ -80,13 +80,14 @@ def analyze_comparison(
     treated = np.asarray(treated).astype(np.int8)
     result = ComparisonResult()
     adjustments: dict[str, _Adjustment | EstimationError] = {}
-    before = covariate_balance(X, treated) if X.shape[1] else None
+    arm_error = _empty_arm(treated)
+    before = covariate_balance(X, treated) if X.shape[1] and arm_error is None else None
     smd_before = max_abs_smd(before) if before is not None else math.nan
-    crude = _Adjustment(max_smd=smd_before, ess=_arm_ess(None, treated))
-    adjustments["crude"] = crude
-    ps_error: EstimationError | None = None
+    adjustments["crude"] = arm_error or _Adjustment(max_smd=smd_before,
+                                                    ess=_arm_ess(None, treated))
+    ps_error: EstimationError | None = arm_error
     pref_equipoise = math.nan
-    if any(e != "crude" for e in estimators):
+    if arm_error is None and any(e != "crude" for e in estimators):
         try:
             ps_fit = fit_propensity(X, treated, seed=seed)
             pref_equipoise = equipoise(ps_fit.ps, treated)
@@ -138,6 +139,16 @@ def analyze_comparison(
                 result.propensity.get("c"), pref_equipoise, X.shape[1],
             ))
     return result
+
+
+def _empty_arm(treated: np.ndarray) -> EstimationError | None:
+    """The reason no estimate is possible when one arm has nobody in it."""
+    n_treated = int(treated.sum())
+    if n_treated == 0:
+        return EstimationError("the treated arm is empty")
+    if n_treated == treated.shape[0]:
+        return EstimationError("the comparator arm is empty")
+    return None
 
 
 def _preference_histogram(ps: np.ndarray, treated: np.ndarray) -> list[dict]:

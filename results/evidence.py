@@ -14,6 +14,9 @@ def assemble_evidence(estimates: pd.DataFrame, diagnostics: pd.DataFrame,
     """Calibrated estimates with E-values, q-values and ranks; diagnostics with every gate."""
     if not len(estimates):
         return estimates, diagnostics
+    effect_columns = ["estimand", "estimate", "ci_low", "ci_high", "se", "p_value"]
+    estimates = estimates.reindex(  # a run whose every estimate failed has none of them
+        columns=[*estimates.columns, *(c for c in effect_columns if c not in estimates)])
     estimates, nulls = calibrate_estimates(estimates)
     diagnostics = evaluate_gates(
         diagnostics.merge(nulls, on=["comparison_id", "estimator"], how="left"),

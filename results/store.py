@@ -117,7 +117,9 @@ def open_store(
     delay = 0.05
     while True:
         try:
-            con = duckdb.connect(str(path), read_only=read_only)
+            # Readers get no file or network access beyond the store (COPY TO, read_csv, INSTALL).
+            config = {"enable_external_access": False} if read_only else {}
+            con = duckdb.connect(str(path), read_only=read_only, config=config)
             break
         except duckdb.IOException as exc:
             if "lock" not in str(exc).lower() or time.monotonic() > deadline:

@@ -123,3 +123,14 @@ def test_exports_and_rankings_mask_small_counts(tmp_path, capsys):
     assert main(["export", "estimates", "--out", str(tmp_path / "x.xlsx"),
                  "--results", str(path)]) == 2
     assert "expected a file ending in .parquet, .csv, .json" in capsys.readouterr().err
+
+
+def test_readers_get_no_file_or_network_access(tmp_path, capsys):
+    path = tmp_path / "r.duckdb"
+    write_run(path, {"run_id": "a", "status": "completed"}, {})
+    leak = tmp_path / "leak.csv"
+    for sql in (f"COPY (SELECT * FROM runs) TO '{leak}'",
+                f"SELECT * FROM read_csv('{path}')", "INSTALL httpfs"):
+        assert main(["query", sql, "--results", str(path)]) == 2, sql
+        assert capsys.readouterr().err.count("\n") == 1
+    assert not leak.exists()
