@@ -1,4 +1,4 @@
-"""The `cohortflow` command: demo, validate, run, query.
+"""The `cohortflow` command: demo, validate, run, serve, submit, query.
 
 Input problems (bad study file, unusable source, bad query) print one line naming the file and
 field and exit with code 2; nothing already in the result store is touched.
@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,15 +54,45 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run(study_file: str, args: argparse.Namespace) -> dict:
     from flows.pipeline import preflight
+    from flows.runners import resolve_execution
 
     study = load_study(study_file)
+    try:
+        execution = resolve_execution(getattr(study.config, "execution", None), args.runner,
+                                      args.workers, args.dask_address)
+    except ValueError as exc:
+        raise StudyFileError(f"{study_file}: {exc}") from None
     preflight(study)
     _quiet_prefect(args.verbose, args.quiet)
-    from flows.run_study import with_workers
+    options = {"runner": args.runner, "dask_address": args.dask_address, "fresh": args.fresh}
+    options = {key: value for key, value in options.items() if value}
+    with _prefect_api(execution.runner, args.quiet):
+        from flows.run_study import with_workers
 
-    flow = with_workers(args.workers)
-    return flow(study_file=str(study_file), results_path=str(args.results),
-                data_dir=str(args.data_dir), show_progress=not args.quiet)
+        flow = with_workers(args.workers)
+        return flow(study_file=str(study_file), results_path=str(args.results),
+                    data_dir=str(args.data_dir), show_progress=not args.quiet, **options)
+
+
+@contextmanager
+def _prefect_api(runner: str, quiet: bool) -> Iterator[None]:
+    """Process and Dask workers need a real Prefect server: start one if none is set."""
+    from flows.runners import api_url, local_prefect_server
+
+    if runner == "threads" or api_url():
+        yield
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if not quiet:
+        print(f"cohortflow: starting a local Prefect server for the {runner} workers (~15 s; "
+              "set PREFECT_API_URL to use a running one)", file=sys.stderr)
+    with local_prefect_server() as url, temporary_settings({PREFECT_API_URL: url}):
+        os.environ["PREFECT_API_URL"] = url  # for the worker processes
+        try:
+            yield
+        finally:
+            os.environ.pop("PREFECT_API_URL", None)
 
 
 def _print_summary(run: dict, args: argparse.Namespace, extra: Callable | None = None) -> None:
@@ -98,6 +129,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ensure_demo_data(cdm, persons=args.persons, seed=args.seed)
     run = _run(str(args.config), args)
     _print_summary(run, args, extra=lambda wide: add_truth(wide, cdm))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _quiet_prefect(args.verbose, False)
+    from flows.serve import NoServerError, require_server, serve
+
+    try:
+        url = require_server("serve")
+    except NoServerError as exc:
+        print(f"cohortflow: {exc}", file=sys.stderr)
+        return 2
+    if args.studies is not None and not args.studies.is_dir():
+        raise StudyFileError(f"{args.studies}: no such folder of study files")
+    print(f"cohortflow: serving run-study/run-study and batch/batch on {url} (Ctrl-C stops)",
+          file=sys.stderr)
+    serve(args.studies, args.cron, _served_parameters(args), limit=args.limit)
+    return 0
+
+
+def _served_parameters(args: argparse.Namespace) -> dict:
+    """Flow parameters given on the command line (absolute paths: runs start elsewhere)."""
+    return {"results_path": str(args.results.resolve()) if args.results else None,
+            "data_dir": str(args.data_dir.resolve()) if args.data_dir else None,
+            "runner": args.runner, "workers": args.workers, "dask_address": args.dask_address}
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from flows.pipeline import preflight
+
+    study = load_study(args.file)
+    preflight(study)
+    _quiet_prefect(args.verbose, True)
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.serve import RUN_STUDY, NoServerError, require_server, submit
+
+    try:
+        url = require_server("submit")
+    except NoServerError as exc:
+        print(f"cohortflow: {exc}", file=sys.stderr)
+        return 2
+    parameters = {**_served_parameters(args), "fresh": args.fresh or None}
+    try:
+        run = submit(Path(args.file), parameters, wait=args.wait)
+    except ObjectNotFound:
+        print(f"cohortflow: no deployment {RUN_STUDY} on {url}: start `cohortflow serve` "
+              "first", file=sys.stderr)
+        return 2
+    ui = url.removesuffix("/api")
+    print(f"flow run {run.id} ({run.name}) of {RUN_STUDY}: {run.state_name}")
+    print(f"follow it: prefect flow-run logs {run.id}   or   {ui}/runs/flow-run/{run.id}")
+    if args.wait:
+        return 0 if run.state is not None and run.state.is_completed() else 1
     return 0
 
 
@@ -167,10 +252,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"result store (default {DEFAULT_RESULTS})")
         p.add_argument("--data-dir", type=Path, default=Path("data"),
                        help="folder for run workspaces and demo data (default data)")
-        p.add_argument("--workers", type=int, default=2,
-                       help="comparisons analysed in parallel (default 2)")
+        execution_options(p)
         p.add_argument("--quiet", action="store_true", help="print only the run id")
         p.add_argument("--verbose", action="store_true", help="debug logs and tracebacks")
+        resume = p.add_mutually_exclusive_group()
+        resume.add_argument("--resume", dest="fresh", action="store_false",
+                            help="reuse the finished work of an interrupted run of the same "
+                                 "study on the same data (default)")
+        resume.add_argument("--fresh", dest="fresh", action="store_true",
+                            help="recompute everything")
+        p.set_defaults(fresh=False)
+
+    def execution_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--runner", choices=("threads", "processes", "dask"),
+                       help="where comparisons run (default: the study's execution: or threads)")
+        p.add_argument("--workers", type=int,
+                       help="comparisons analysed in parallel (default: the study's or 2)")
+        p.add_argument("--dask-address", metavar="tcp://HOST:PORT",
+                       help="a running Dask scheduler (implies --runner dask)")
 
     demo = sub.add_parser("demo", help="generate a synthetic CDM with planted effects and "
                                        "run configs/demo.yaml on it")
@@ -192,6 +291,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("file")
     run_options(run)
     run.set_defaults(func=cmd_run)
+
+    serve = sub.add_parser("serve", help="serve the run-study and batch deployments on a "
+                                         "Prefect server (PREFECT_API_URL)")
+    serve.add_argument("--studies", type=Path,
+                       help="folder of study files: their schedule: and the batch's folder")
+    serve.add_argument("--cron", help='schedule of the batch deployment, e.g. "0 2 * * *"')
+    serve.add_argument("--results", type=Path, help=f"result store (default {DEFAULT_RESULTS})")
+    serve.add_argument("--data-dir", type=Path, help="folder for run workspaces (default data)")
+    serve.add_argument("--limit", type=int, help="at most this many runs at once")
+    execution_options(serve)
+    serve.add_argument("--verbose", action="store_true")
+    serve.set_defaults(func=cmd_serve)
+
+    submit = sub.add_parser("submit", help="start a run of the served run-study deployment")
+    submit.add_argument("file")
+    submit.add_argument("--results", type=Path, help="result store (default: the server's)")
+    submit.add_argument("--data-dir", type=Path, help="workspaces (default: the server's)")
+    execution_options(submit)
+    submit.add_argument("--fresh", action="store_true", help="recompute everything")
+    submit.add_argument("--wait", action="store_true", help="wait until the run finishes")
+    submit.add_argument("--verbose", action="store_true")
+    submit.set_defaults(func=cmd_submit)
 
     rank = sub.add_parser("rank", help="candidates that pass diagnostics, best evidence first")
     rank.add_argument("--study")

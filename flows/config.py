@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -48,7 +51,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
 
-ConceptId = Annotated[int, Field(gt=0)]
+def _no_bool(value: Any) -> Any:
+    """YAML's true/false would otherwise pass as concept ids 1 and 0."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a concept id (a positive integer), got {value!r}")
+    return value
+
+
+# OMOP concept ids are 32-bit integers (CDM spec); covariate ids multiply them by 1000.
+MAX_CONCEPT_ID = 2_147_483_647
+ConceptId = Annotated[int, BeforeValidator(_no_bool), Field(gt=0, le=MAX_CONCEPT_ID)]
+
+
+def _no_control_characters(value: str) -> str:
+    """A path with a newline, tab or NUL cannot be a CDM and would break one-line messages."""
+    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+        raise ValueError(f"contains a control character (newline, tab, NUL...): {value!r}")
+    return value
 
 
 class ConceptSet(_Strict):
@@ -103,7 +122,7 @@ class Population(_Strict):
 
 
 class FollowUp(_Strict):
-    start_day: int = Field(0, ge=-36_500, le=36_500)
+    start_day: int = Field(0, ge=0, le=36_500)  # follow-up never starts before time zero
     end_day: int | None = Field(None, ge=-36_500, le=36_500)
     strategy: Literal["intention_to_treat", "on_treatment"] = "intention_to_treat"
     exclude_prior_outcome: bool = True
@@ -143,6 +162,8 @@ class Covariates(_Strict):
                 )
             if start < -36_500:
                 raise ValueError(f"window [{start}, {end}] reaches back more than 100 years")
+        if len(set(value)) != len(value):
+            raise ValueError("a window is listed twice")
         return value
 
     @field_validator("domains")
@@ -153,7 +174,7 @@ class Covariates(_Strict):
                 if domain in ("observation", "visit", "charlson"):
                     raise not_supported(f"covariate domain '{domain}'")
                 raise ValueError(
-                    f"unknown covariate domain '{domain}' (expected one of "
+                    f"unknown covariate domain {domain!r} (expected one of "
                     f"{', '.join(COVARIATE_DOMAINS)})"
                 )
         if len(set(value)) != len(value):
@@ -175,12 +196,30 @@ class PositiveControls(_Strict):
         default_factory=lambda: [1.5, 2.0, 4.0], min_length=1)
 
 
+class Execution(_Strict):
+    """Where the comparison tasks run (the command line overrides it); not part of the run id."""
+
+    runner: Literal["threads", "processes", "dask"] = "threads"
+    workers: int = Field(2, ge=1, le=1024)
+    dask_address: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Execution:
+        if self.dask_address is not None and self.runner != "dask":
+            raise ValueError("dask_address needs runner: dask")
+        if self.dask_address is not None and not re.fullmatch(r"[a-z]+://\S+",
+                                                               self.dask_address):
+            raise ValueError(f"expected a scheduler address like tcp://host:8786, got "
+                             f"{self.dask_address!r}")
+        return self
+
+
 class StudyConfig(_Strict):
     """A validated study file."""
 
     study: str
     description: str = ""
-    source: str
+    source: Annotated[str, Field(min_length=1), AfterValidator(_no_control_characters)]
     concept_sets: dict[str, ConceptSet]
     exposure_table: Literal["drug_era", "drug_exposure"] = "drug_era"
     treatments: list[str] | dict[str, Any]
@@ -197,11 +236,12 @@ class StudyConfig(_Strict):
     diagnostics: Diagnostics = Field(default_factory=Diagnostics)
     min_cell_count: int = Field(5, ge=0, le=1000)
     schedule: str | None = None
+    execution: Execution | None = None
 
     @field_validator("study")
     @classmethod
     def _study(cls, value: str) -> str:
-        if not IDENTIFIER.match(value):
+        if not IDENTIFIER.fullmatch(value):  # match() would let a trailing newline through
             raise ValueError(
                 "expected an identifier: a letter, then letters, digits, _ or - (at most 63)"
             )
@@ -211,7 +251,7 @@ class StudyConfig(_Strict):
     @classmethod
     def _names(cls, value: dict[str, ConceptSet]) -> dict[str, ConceptSet]:
         for name in value:
-            if not CONCEPT_SET_NAME.match(name):
+            if not CONCEPT_SET_NAME.fullmatch(name):
                 raise ValueError(
                     f"concept-set name {name!r} is not an identifier (a letter, then letters, "
                     "digits or _)"
@@ -242,6 +282,28 @@ class StudyConfig(_Strict):
             raise ValueError("an outcome is listed twice")
         return value
 
+    @field_validator("negative_controls", mode="before")
+    @classmethod
+    def _control_items(cls, value: Any) -> Any:
+        """Name the bad item (the str | int union would report only its str branch)."""
+        for item in value if isinstance(value, list) else ():
+            if isinstance(item, str):
+                continue
+            if isinstance(item, bool) or not isinstance(item, int) or not (
+                    0 < item <= MAX_CONCEPT_ID):
+                raise ValueError(
+                    f"expected concept-set names or concept ids (positive integers), got "
+                    f"{item!r}"
+                )
+        return value
+
+    @field_validator("negative_controls")
+    @classmethod
+    def _controls(cls, value: list[str | int]) -> list[str | int]:
+        if len(set(value)) != len(value):
+            raise ValueError("a negative control is listed twice")
+        return value
+
     @field_validator("estimators")
     @classmethod
     def _estimators(cls, value: list[str]) -> list[str]:
@@ -252,7 +314,7 @@ class StudyConfig(_Strict):
                 raise not_supported(f"estimator '{name}'")
             if name not in SUPPORTED_ESTIMATORS:
                 raise ValueError(
-                    f"unknown estimator '{name}' (expected one of "
+                    f"unknown estimator {name!r} (expected one of "
                     f"{', '.join(SUPPORTED_ESTIMATORS)})"
                 )
         return list(dict.fromkeys(value))
@@ -267,8 +329,11 @@ class StudyConfig(_Strict):
     @field_validator("schedule")
     @classmethod
     def _schedule(cls, value: str | None) -> str | None:
+        """A cron string as the Prefect server accepts it (for `cohortflow serve`)."""
         if value is not None:
-            raise not_supported("'schedule' (scheduled runs via cohortflow serve)")
+            from prefect.schedules import validate_cron_string  # only for scheduled studies
+
+            validate_cron_string(value)
         return value
 
     @model_validator(mode="after")
@@ -372,16 +437,57 @@ def load_study(path: str | Path) -> LoadedStudy:
         where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise StudyFileError(f"{path}{where}: not valid YAML: {problem}") from None
+    except RecursionError:
+        raise StudyFileError(f"{path}: not valid YAML: nested too deeply") from None
+    _check_duplicate_keys(path, root)
     if not isinstance(data, dict):
         raise StudyFileError(f"{path}: expected a mapping of study keys at the top level")
     try:
         config = StudyConfig.model_validate(data)
     except ValidationError as exc:
         raise StudyFileError(_describe(path, root, exc)) from None
-    source = Path(config.source).expanduser()
+    try:
+        source = Path(config.source).expanduser()
+    except RuntimeError as exc:  # "~someone/..." for an unknown user
+        line = _line_of(root, ["source"])
+        raise StudyFileError(f"{path}:{line}: source: cannot expand the path ({exc})") from None
     if not source.is_absolute():
         source = (path.parent / source).resolve()
     return LoadedStudy(path=path, config=config, source_path=source)
+
+
+def _check_duplicate_keys(path: Path, root: yaml.Node | None) -> None:
+    """Refuse a key given twice in one mapping (PyYAML would silently keep the last one)."""
+    seen: set[int] = set()  # aliases share nodes: visit each once (no "billion laughs")
+    stack: list[tuple[yaml.Node, str]] = [(root, "")] if root is not None else []
+    while stack:
+        node, where = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key, value in node.value:
+                name = f"{where}{key.value}" if isinstance(key, yaml.ScalarNode) else where
+                line = key.start_mark.line + 1
+                if isinstance(key, yaml.ScalarNode) and key.value in first:
+                    raise StudyFileError(
+                        f"{path}:{line}: {name}: duplicate key (first given on line "
+                        f"{first[key.value]})"
+                    )
+                if isinstance(key, yaml.ScalarNode):
+                    first[key.value] = line
+                stack.append((value, f"{name}."))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, f"{where}{i}.") for i, item in enumerate(node.value))
+
+
+def _short_repr(value: Any) -> str:
+    """repr bounded in length and depth (an input built from YAML aliases can be huge)."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict = 2, 4, 4
+    short.maxstring = short.maxother = 60
+    return short.repr(value)
 
 
 def _describe(path: Path, root: yaml.Node | None, exc: ValidationError) -> str:
@@ -395,17 +501,21 @@ def _describe(path: Path, root: yaml.Node | None, exc: ValidationError) -> str:
     if not loc and named:  # a cross-field check names its own field
         loc, message = named.group(1).split("."), named.group(2)
     field = ".".join(str(p) for p in loc) or "(top level)"
-    line = None if kind == "missing" else _line_of(root, loc)
+    missing_item = kind == "missing" and bool(loc) and isinstance(loc[-1], int)  # [-365]
+    line = None if kind == "missing" and not missing_item else _line_of(root, loc)
     where = f"{path}:{line}" if line else str(path)
     if kind == "extra_forbidden":
         message = "unknown key"
         parent = _model_at(loc[:-1])
         if parent is not None:
             message += f" (expected one of: {', '.join(parent.model_fields)})"
+    elif missing_item:
+        message = "a value is missing (too few items)"
     elif kind == "missing":
         message = "required key is missing"
     elif kind != "value_error" and "input" in error:
-        message = f"{message}, got {error['input']!r}"
+        message = f"{message}, got {_short_repr(error['input'])}"
+    message = message.replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever it quotes
     return f"{where}: {field}: {message}"
 
 

@@ -4,13 +4,26 @@ prepare  -> cohorts, outcomes and covariates for every comparison, into the run 
 analyze  -> one comparison: load its arrays, run the estimators, write its rows to the workspace;
 finalize -> gather every comparison's rows and write the run to the result store at once.
 Stages exchange paths and small dicts only, never data frames.
+
+A run is named by what it computes (the study's content and its source's fingerprint), so a rerun
+of an unchanged study on unchanged data is the same run: it resumes from the run workspace, where
+a stage's output counts only once its marker file exists (files are written under a temporary
+name, then renamed), and its final write replaces that run_id in the store.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
+import os
 import platform
+import shutil
 import time
-from dataclasses import dataclass
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -21,16 +34,24 @@ import pandas as pd
 from cohort.comparison_data import load_comparison
 from cohort.concepts import resolve_concept_sets
 from cohort.prepare import PreparedStudy, prepare_study, source_requirements
-from cohort.source import open_source
+from cohort.source import SourceError, open_source
 from estimators.comparison import OutcomeInput, analyze_comparison
 from estimators.errors import EstimationError
 from estimators.positive_controls import injected_outcomes
 from flows.config import LoadedStudy, StudyConfig, load_study
 from results.evidence import assemble_evidence
 from results.gates import Thresholds
-from results.store import write_run
+from results.store import StoreError, open_store, write_run
 
 RESULT_TABLES = ("estimates", "diagnostics", "balance", "ps_distribution", "km_curves")
+OPERATIONAL_KEYS = ("schedule", "execution")  # when and where a study runs, not what it computes
+PREPARED_MARKER = "prepared.done.json"
+DONE_MARKER = "done.json"
+FAILED_MARKER = "failed.json"
+
+
+class RunBusyError(RuntimeError):
+    """Another process is running the same run (same study content on the same data)."""
 
 
 @dataclass(frozen=True)
@@ -40,13 +61,124 @@ class RunPaths:
     run_id: str
     workspace: Path
     results: Path
+    identity: str = ""
+    fingerprint: dict = field(default_factory=dict, compare=False)
 
 
-def new_run(study: LoadedStudy, results: Path, data_dir: Path) -> RunPaths:
-    """Name a run after its study, start time and study hash."""
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-    run_id = f"{study.config.study}-{stamp}-{study.sha256[:8]}"
-    return RunPaths(run_id, data_dir / "workspace" / run_id, results)
+def source_fingerprint(study: LoadedStudy) -> dict:
+    """The source's fingerprint (tables, row counts, file sizes and mtimes)."""
+    source = open_source(study.source_path)
+    try:
+        return source.fingerprint()
+    finally:
+        source.close()
+
+
+def run_identity(study: LoadedStudy, fingerprint: dict) -> str:
+    """sha256 of what a run computes: the study's content (minus when/where keys) and its data."""
+    content = study.config.model_dump(mode="json")
+    for key in OPERATIONAL_KEYS:
+        content.pop(key, None)
+    canonical = json.dumps({"study": content, "source": fingerprint["sha256"]}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def new_run(study: LoadedStudy, results: Path, data_dir: Path,
+            fingerprint: dict | None = None) -> RunPaths:
+    """Name a run after its study and identity: the same study on the same data is the same run."""
+    fingerprint = fingerprint if fingerprint is not None else source_fingerprint(study)
+    identity = run_identity(study, fingerprint)
+    run_id = f"{study.config.study}-{identity[:16]}"
+    return RunPaths(run_id, Path(data_dir) / "workspace" / run_id, Path(results), identity,
+                    fingerprint)
+
+
+@contextmanager
+def run_lock(paths: RunPaths) -> Iterator[None]:
+    """Hold the run's lock (released by the OS if the process dies); a second holder fails."""
+    lock = paths.workspace.with_name(f"{paths.workspace.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusyError(
+                f"run {paths.run_id} is already in progress in another process (lock {lock})"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def last_completed_run(results: Path, study: LoadedStudy) -> str | None:
+    """run_id of the latest completed run of this study file in the store (None if none)."""
+    if not Path(results).exists():
+        return None
+    try:
+        with open_store(results, read_only=True) as con:
+            row = con.execute(
+                "SELECT run_id FROM runs WHERE study_file = ? AND status = 'completed' "
+                "ORDER BY finished_at DESC LIMIT 1", [str(study.path.resolve())]).fetchone()
+    except StoreError:
+        return None
+    return row[0] if row else None
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One study file of a batch folder and whether it needs a run."""
+
+    study_file: Path
+    run_id: str | None
+    changed: bool
+    reason: str
+
+
+def batch_plan(studies: Path, results: Path, data_dir: Path) -> list[BatchItem]:
+    """Every study file of a folder: changed (file or source) since its last successful run?"""
+    from flows.config import StudyFileError
+
+    items = []
+    for file in sorted([*Path(studies).glob("*.yaml"), *Path(studies).glob("*.yml")]):
+        try:
+            study = load_study(file)
+            paths = new_run(study, results, data_dir)
+        except (StudyFileError, SourceError) as exc:
+            items.append(BatchItem(file, None, False, f"unusable: {exc}"))
+            continue
+        last = last_completed_run(results, study)
+        if last == paths.run_id:
+            items.append(BatchItem(file, paths.run_id, False, "unchanged since its last run"))
+        else:
+            reason = "never run" if last is None else f"changed since run {last}"
+            items.append(BatchItem(file, paths.run_id, True, reason))
+    return items
+
+
+_STUDIES: dict[tuple[str, int, int], LoadedStudy] = {}
+
+
+def _study(study_file: str) -> LoadedStudy:
+    """load_study, parsed once per process while the file is unchanged (one call per task)."""
+    path = Path(study_file)
+    try:
+        stat = path.stat()
+    except OSError:
+        return load_study(path)  # which says what is wrong with the path
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _STUDIES:
+        if len(_STUDIES) > 32:
+            _STUDIES.clear()
+        _STUDIES[key] = load_study(path)
+    return _STUDIES[key]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a file under a temporary name, then rename it: readers see all of it or nothing."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def preflight(study: LoadedStudy) -> None:
@@ -60,27 +192,72 @@ def preflight(study: LoadedStudy) -> None:
         source.close()
 
 
-def prepare(study_file: str, workspace: str) -> dict:
-    """Build the cohorts of every comparison; return the run facts later stages need."""
+def prepare(study_file: str, workspace: str, *, resume: bool = False,
+            expect_source: str | None = None) -> dict:
+    """Build the cohorts of every comparison; return the run facts later stages need.
+
+    With `resume`, a workspace whose preparation finished (its marker exists) is reused as is.
+    """
+    marker = Path(workspace) / PREPARED_MARKER
+    if resume and marker.is_file():
+        return {**json.loads(marker.read_text()), "reused": True}
     study = load_study(study_file)
     source = open_source(study.source_path)
     try:
         fingerprint = source.fingerprint()
+        if expect_source is not None and fingerprint["sha256"] != expect_source:
+            raise SourceError(f"{study.source_path}: the data changed as the run started; "
+                              "run the study again")
         prepared = prepare_study(source, study.design(), Path(workspace))
     finally:
         source.close()
-    return {
+    info = {
         "comparison_ids": [int(i) for i in prepared.comparisons["comparison_id"]],
         "fingerprint": fingerprint,
         "warnings": prepared.warnings,
         "seconds": prepared.seconds,
     }
+    _write_atomic(marker, json.dumps(info, indent=1))
+    return {**info, "reused": False}
+
+
+def analysis_dir(workspace: str | Path, comparison_id: int) -> Path:
+    """Where a comparison's rows live once it is finished (or recorded as failed)."""
+    return Path(workspace) / "analysis" / f"comparison_{comparison_id}"
+
+
+def finished(workspace: str | Path, comparison_id: int) -> dict | None:
+    """The saved summary of a finished comparison, or None when it must be (re)computed."""
+    try:
+        summary = json.loads((analysis_dir(workspace, comparison_id) / DONE_MARKER).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+    return {**summary, "reused": True}
+
+
+@contextmanager
+def _staged(workspace: str | Path, comparison_id: int) -> Iterator[Path]:
+    """A temporary folder for a comparison's files, renamed into place when the block ends."""
+    final = analysis_dir(workspace, comparison_id)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.*.tmp"):  # left by a killed attempt
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def analyze(study_file: str, workspace: str, comparison_id: int) -> dict:
     """Estimate every outcome of one comparison; write its rows as Parquet in the workspace."""
     started = time.perf_counter()
-    study = load_study(study_file)
+    study = _study(study_file)
     config = study.config
     prepared = PreparedStudy.load(Path(workspace))
     outcomes = prepared.outcomes
@@ -99,30 +276,54 @@ def analyze(study_file: str, workspace: str, comparison_id: int) -> dict:
         exclude_prior_outcome=config.follow_up.exclude_prior_outcome,
         seed=int(comparison_id),
     )
-    out = Path(workspace) / "analysis" / f"comparison_{comparison_id}"
-    out.mkdir(parents=True, exist_ok=True)
     labels = prepared.comparisons.set_index("comparison_id").loc[comparison_id]
-    pd.DataFrame(result.estimates).assign(
-        comparison_id=comparison_id, treatment=labels.treatment, comparator=labels.comparator,
-    ).to_parquet(out / "estimates.parquet")
-    pd.DataFrame(result.diagnostics).assign(
-        comparison_id=comparison_id, treatment=labels.treatment, comparator=labels.comparator,
-    ).to_parquet(out / "diagnostics.parquet")
-    _balance_frame(result.balance, data.covariate_ids, prepared.workspace).assign(
-        comparison_id=comparison_id
-    ).to_parquet(out / "balance.parquet")
-    for table, rows in (("ps_distribution", result.preference_histogram),
-                        ("km_curves", result.survival_curves)):
-        pd.DataFrame(rows).assign(comparison_id=comparison_id).to_parquet(
-            out / f"{table}.parquet")
-    return {
+    summary = {
         "comparison_id": comparison_id,
-        "seconds": round(time.perf_counter() - started, 3),
         "n_persons": data.n,
         "n_covariates": int(data.X.shape[1]),
         "failed": sum(row["status"] != "ok" for row in result.estimates),
         "notes": notes,
+        "worker": f"{platform.node()}:{os.getpid()}",
     }
+    with _staged(workspace, comparison_id) as out:
+        pd.DataFrame(result.estimates).assign(
+            comparison_id=comparison_id, treatment=labels.treatment,
+            comparator=labels.comparator,
+        ).to_parquet(out / "estimates.parquet")
+        pd.DataFrame(result.diagnostics).assign(
+            comparison_id=comparison_id, treatment=labels.treatment,
+            comparator=labels.comparator,
+        ).to_parquet(out / "diagnostics.parquet")
+        _balance_frame(result.balance, data.covariate_ids, prepared.workspace).assign(
+            comparison_id=comparison_id
+        ).to_parquet(out / "balance.parquet")
+        for table, rows in (("ps_distribution", result.preference_histogram),
+                            ("km_curves", result.survival_curves)):
+            pd.DataFrame(rows).assign(comparison_id=comparison_id).to_parquet(
+                out / f"{table}.parquet")
+        summary["seconds"] = round(time.perf_counter() - started, 3)
+        (out / DONE_MARKER).write_text(json.dumps(summary, indent=1))
+    return {**summary, "reused": False}
+
+
+def record_failure(study_file: str, workspace: str, comparison_id: int, message: str) -> dict:
+    """Record an unexpected failure of one comparison as 'failed' rows (recomputed on resume)."""
+    config = _study(study_file).config
+    prepared = PreparedStudy.load(Path(workspace))
+    labels = prepared.comparisons.set_index("comparison_id").loc[comparison_id]
+    rows = [{"comparison_id": comparison_id, "treatment": labels.treatment,
+             "comparator": labels.comparator, "outcome": outcome.outcome, "role": outcome.role,
+             "estimator": estimator, "measure": "hr", "status": "failed", "message": message,
+             "true_effect_size": 1.0 if outcome.role == "negative_control" else None}
+            for outcome in prepared.outcomes.itertuples() for estimator in config.estimators]
+    summary = {"comparison_id": comparison_id, "seconds": 0.0, "n_persons": 0,
+               "n_covariates": 0, "failed": len(rows), "error": message,
+               "notes": [f"comparison {comparison_id} ({labels.treatment} vs "
+                         f"{labels.comparator}) failed: {message}"]}
+    with _staged(workspace, comparison_id) as out:
+        pd.DataFrame(rows).to_parquet(out / "estimates.parquet")
+        (out / FAILED_MARKER).write_text(json.dumps(summary, indent=1))
+    return {**summary, "reused": False}
 
 
 def positive_control_name(negative_control: str, effect_size: float) -> str:
@@ -177,7 +378,8 @@ def finalize(
     """Write the whole run to the result store in one transaction; return the run record."""
     study = load_study(study_file)
     prepared = PreparedStudy.load(paths.workspace)
-    tables = {name: _gather(paths.workspace, name) for name in RESULT_TABLES}
+    ids = [a["comparison_id"] for a in analyses]
+    tables = {name: _gather(paths.workspace, name, ids) for name in RESULT_TABLES}
     tables["estimates"], tables["diagnostics"] = assemble_evidence(
         tables["estimates"], tables["diagnostics"],
         Thresholds(**study.config.diagnostics.model_dump()))
@@ -197,7 +399,10 @@ def finalize(
     )
     tables["attrition"] = attrition
     timings = {**timings, "prepare_stages": prepared_info["seconds"],
-               "comparisons": {str(a["comparison_id"]): a["seconds"] for a in analyses}}
+               "comparisons": {str(a["comparison_id"]): a["seconds"] for a in analyses},
+               "reused": sorted(a["comparison_id"] for a in analyses if a.get("reused")),
+               "worker_processes": len({a["worker"] for a in analyses
+                                        if not a.get("reused") and a.get("worker")})}
     run = {
         "run_id": paths.run_id,
         "study": study.config.study,
@@ -207,6 +412,7 @@ def finalize(
         "config_json": study.config.model_dump(mode="json"),
         "source_path": str(study.source_path),
         "source_sha256": prepared_info["fingerprint"]["sha256"],
+        "run_identity": paths.identity,
         "source_fingerprint": prepared_info["fingerprint"],
         "cdm_version": prepared_info["fingerprint"]["cdm_version"],
         "started_at": started_at.replace(tzinfo=None),
@@ -232,9 +438,9 @@ def report(results: Path, run_id: str, data_dir: Path) -> Path:
     return write_report(results, data_dir / "reports" / f"{run_id}.html", run_id=run_id)
 
 
-def _gather(workspace: Path, table: str) -> pd.DataFrame:
-    files = sorted((workspace / "analysis").glob(f"comparison_*/{table}.parquet"))
-    frames = [pd.read_parquet(f) for f in files]
+def _gather(workspace: Path, table: str, comparison_ids: list[int]) -> pd.DataFrame:
+    files = [analysis_dir(workspace, cid) / f"{table}.parquet" for cid in sorted(comparison_ids)]
+    frames = [pd.read_parquet(f) for f in files if f.exists()]
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

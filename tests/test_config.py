@@ -95,7 +95,9 @@ BAD_FILES = [
      r"comparator 'non_users' is not supported yet"),
     (GOOD.replace("treatments: [t]", "treatments: {screen: {min_new_users: 500}}"),
      r"treatments 'screen' is not supported yet"),
-    (GOOD + "schedule: '0 3 * * *'\n", r"'schedule' .* is not supported yet"),
+    (GOOD + "schedule: '61 3 * * *'\n", r"study\.yaml:\d+: schedule: Invalid cron string"),
+    (GOOD + "execution: {runner: gpu}\n", r"execution\.runner: Input should be 'threads'"),
+    (GOOD + "execution: {dask_address: 'tcp://h:8786'}\n", r"dask_address needs runner: dask"),
     (GOOD + "horizon_days: 365\n", r"'horizon_days' .* is not supported yet"),
     (GOOD.replace("  o: {include: [201]}", "  o: {codes: [{vocabulary: ICD10CM, code: K92.2}]}"),
      r"concept_sets\.o: 'codes' .* is not supported yet"),
@@ -171,7 +173,8 @@ def test_every_documented_key_is_known():
     documented = {"study", "description", "source", "concept_sets", "exposure_table",
                   "treatments", "comparator", "time_zero", "population", "outcomes",
                   "negative_controls", "follow_up", "covariates", "estimators", "horizon_days",
-                  "diagnostics", "min_cell_count", "schedule", "positive_controls"}
+                  "diagnostics", "min_cell_count", "schedule", "positive_controls",
+                  "execution"}
     assert documented == set(StudyConfig.model_fields)
 
 

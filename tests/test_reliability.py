@@ -3,8 +3,9 @@
 A run is killed with SIGKILL inside cohort preparation, inside the analysis of a comparison and
 inside the final write transaction (before COMMIT), and at random moments; each time the store
 must hold every earlier run intact and nothing of the killed one, and a rerun must give exactly
-the estimates of an uninterrupted run. Two runs write the same store at once while a reader
-polls it; both land and the reader never sees half a run.
+the estimates of an uninterrupted run. A run is named by its study content and data, so a rerun
+replaces its own rows; two runs of different studies write the same store at once while a
+reader polls it; both land and the reader never sees half a run.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("reliability")
     generate_demo_cdm(out / "cdm", persons=8_000, seed=5)
     (out / "study.yaml").write_text(STUDY)
+    (out / "other.yaml").write_text(STUDY.replace("study: reliability", "study: reliability_b"))
     (out / "child.py").write_text(CHILD.format(root=str(ROOT)))
     reference = out / "reference.duckdb"
     run_study_plain(out / "study.yaml", reference, out / "data")
@@ -86,9 +88,10 @@ def estimates(store: Path, run_id: str | None = None) -> pd.DataFrame:
     return frame.sort_values(KEYS).reset_index(drop=True)[KEYS + VALUES]
 
 
-def child(out: Path, store: Path, kill_at: str | None = None) -> subprocess.Popen:
+def child(out: Path, store: Path, kill_at: str | None = None,
+          study: str = "study.yaml") -> subprocess.Popen:
     env = {**os.environ, "KILL_AT": kill_at or ""}
-    return subprocess.Popen([sys.executable, str(out / "child.py"), str(out / "study.yaml"),
+    return subprocess.Popen([sys.executable, str(out / "child.py"), str(out / study),
                              str(store), str(out / "data")], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -140,7 +143,7 @@ def test_two_writers_and_a_reader(world, tmp_path):
     store = tmp_path / "store.duckdb"
     with open_store(store):
         pass
-    writers = [child(out, store), child(out, store)]
+    writers = [child(out, store), child(out, store, study="other.yaml")]  # distinct runs
     reads = 0
     while any(w.poll() is None for w in writers):
         try:
