@@ -70,8 +70,11 @@ def _run(study_file: str, args: argparse.Namespace) -> dict:
         from flows.run_study import with_workers
 
         flow = with_workers(args.workers)
-        return flow(study_file=str(study_file), results_path=str(args.results),
-                    data_dir=str(args.data_dir), show_progress=not args.quiet, **options)
+        run = flow(study_file=str(study_file), results_path=str(args.results),
+                   data_dir=str(args.data_dir), show_progress=not args.quiet, **options)
+    if run.get("input_error"):
+        raise SourceError(run["input_error"])
+    return run
 
 
 @contextmanager

@@ -29,6 +29,7 @@ from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 from threadpoolctl import threadpool_limits
 
+from cohort.source import SourceError
 from flows import pipeline
 from flows.config import load_study
 from flows.progress import Progress
@@ -48,7 +49,10 @@ def transient(task: Task, task_run: TaskRun, state: State) -> bool:
 @task(name="prepare-cohorts", cache_policy=NO_CACHE, retries=RETRIES,
       retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
 def prepare_task(study_file: str, workspace: str, resume: bool, expect_source: str) -> dict:
-    return pipeline.prepare(study_file, workspace, resume=resume, expect_source=expect_source)
+    try:
+        return pipeline.prepare(study_file, workspace, resume=resume, expect_source=expect_source)
+    except SourceError as exc:  # bad input found while building cohorts: a message, no traceback
+        return {"input_error": str(exc)}
 
 
 @task(name="analyze-comparison", cache_policy=NO_CACHE, task_run_name="comparison-{comparison_id}",
@@ -105,6 +109,9 @@ def _run_locked(study_file: str, study_name: str, paths: pipeline.RunPaths, data
     workspace = str(paths.workspace)
     clock = time.perf_counter()
     prepared = prepare_task(study_file, workspace, not fresh, paths.fingerprint["sha256"])
+    if "input_error" in prepared:
+        logger.error("stopped: %s", prepared["input_error"])
+        return {"run_id": paths.run_id, "input_error": prepared["input_error"]}
     timings: dict = {"prepare": round(time.perf_counter() - clock, 3),
                      "runner": execution.runner, "workers": execution.workers}
     ids = prepared["comparison_ids"]

@@ -136,3 +136,21 @@ def test_run_record(store):
     assert run.status == "completed" and run.n_comparisons == 1 and run.n_estimates == 3
     assert run.cdm_version == "v5.3.1" and len(run.source_sha256) == 64
     assert run.study == "gibleed_celecoxib_vs_diclofenac"
+
+
+def test_input_error_found_inside_the_flow_is_one_line(tmp_path):
+    """Zero eligible persons is only known once cohorts are built, inside the Prefect flow."""
+    study = tmp_path / "old.yaml"
+    text = (ROOT / "configs" / "gibleed.yaml").read_text()
+    study.write_text(text.replace("min_age: 18", "min_age: 150").replace(
+        "source: ../../shared/data/eunomia_gibleed", f"source: {GIBLEED}"))
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", str(study), "--results",
+         str(tmp_path / "r.duckdb"), "--data-dir", str(tmp_path / "data")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("cohortflow:")]
+    assert len(lines) == 1 and "aged 150 or more at time zero" in lines[0]
+    assert not (tmp_path / "r.duckdb").exists()
