@@ -19,7 +19,6 @@ import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
-import duckdb
 import pandas as pd
 import pytest
 
@@ -29,6 +28,7 @@ from flows.config import load_study
 from flows.runners import local_prefect_server, resolve_execution, stop_group
 from results.store import open_store
 from tests.plain_run import run_study_plain
+from tests.store_watch import watch_while_writing
 
 ROOT = Path(__file__).parents[1]
 STUDY = """\
@@ -397,22 +397,8 @@ def test_two_concurrent_runs_both_land_and_readers_never_see_half(world, server,
     common = ["--results", str(store), "--data-dir", str(data), "--quiet"]
     writers = [cli(env, "run", str(out / "study.yaml"), "--runner", "processes", *common),
                cli(env, "run", str(out / "other.yaml"), *common)]
-    reads = 0
     try:
-        while any(w.poll() is None for w in writers):
-            try:
-                con = duckdb.connect(str(store), read_only=True)
-            except duckdb.IOException:   # a writer holds the file: readers wait their turn
-                time.sleep(0.05)
-                continue
-            try:
-                for run_id, n in con.execute("SELECT run_id, count(*) FROM estimates "
-                                             "GROUP BY run_id").fetchall():
-                    assert n == len(reference), f"a reader saw half of run {run_id}"
-                reads += 1
-            finally:
-                con.close()
-            time.sleep(0.05)
+        reads = watch_while_writing(store, writers, len(reference))
         results = [finish(w) for w in writers]
     finally:
         for w in writers:

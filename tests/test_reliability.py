@@ -19,13 +19,13 @@ import textwrap
 import time
 from pathlib import Path
 
-import duckdb
 import pandas as pd
 import pytest
 
 from cohort.synthetic import generate_demo_cdm
 from results.store import open_store
 from tests.plain_run import run_study_plain
+from tests.store_watch import watch_while_writing
 
 ROOT = Path(__file__).parents[1]
 STUDY = """\
@@ -144,21 +144,7 @@ def test_two_writers_and_a_reader(world, tmp_path):
     with open_store(store):
         pass
     writers = [child(out, store), child(out, store, study="other.yaml")]  # distinct runs
-    reads = 0
-    while any(w.poll() is None for w in writers):
-        try:
-            con = duckdb.connect(str(store), read_only=True)
-        except duckdb.IOException:        # a writer holds the file: readers wait their turn
-            time.sleep(0.05)
-            continue
-        try:
-            for run_id, n in con.execute("SELECT run_id, count(*) FROM estimates "
-                                         "GROUP BY run_id").fetchall():
-                assert n == len(reference), f"a reader saw half of run {run_id}"
-            reads += 1
-        finally:
-            con.close()
-        time.sleep(0.05)
+    reads = watch_while_writing(store, writers, len(reference))
     assert [w.returncode for w in writers] == [0, 0], [w.stderr.read()[-2000:] for w in writers]
     assert reads > 0                                                 # the reader did read
     counts = run_ids(store)
