@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING
 
 from cohort.source import SourceError
 from flows.config import StudyFileError, load_study
+from flows.serve import NoServerError
 from results.store import StoreError
 
 if TYPE_CHECKING:
     import pandas as pd
 
-INPUT_ERRORS = (StudyFileError, SourceError, StoreError, LookupError)
+INPUT_ERRORS = (StudyFileError, SourceError, StoreError, LookupError, NoServerError)
 DEFAULT_RESULTS = "data/results.duckdb"
 
 
@@ -58,8 +59,8 @@ def _run(study_file: str, args: argparse.Namespace) -> dict:
 
     study = load_study(study_file)
     try:
-        execution = resolve_execution(getattr(study.config, "execution", None), args.runner,
-                                      args.workers, args.dask_address)
+        execution = resolve_execution(study.config.execution, args.runner, args.workers,
+                                      args.dask_address)
     except ValueError as exc:
         raise StudyFileError(f"{study_file}: {exc}") from None
     preflight(study)
@@ -137,13 +138,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _quiet_prefect(args.verbose, False)
-    from flows.serve import NoServerError, require_server, serve
+    from flows.serve import require_server, serve
 
-    try:
-        url = require_server("serve")
-    except NoServerError as exc:
-        print(f"cohortflow: {exc}", file=sys.stderr)
-        return 2
+    url = require_server("serve")
     if args.studies is not None and not args.studies.is_dir():
         raise StudyFileError(f"{args.studies}: no such folder of study files")
     print(f"cohortflow: serving run-study/run-study and batch/batch on {url} (Ctrl-C stops)",
@@ -167,13 +164,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     _quiet_prefect(args.verbose, True)
     from prefect.exceptions import ObjectNotFound
 
-    from flows.serve import RUN_STUDY, NoServerError, require_server, submit
+    from flows.serve import RUN_STUDY, require_server, submit
 
-    try:
-        url = require_server("submit")
-    except NoServerError as exc:
-        print(f"cohortflow: {exc}", file=sys.stderr)
-        return 2
+    url = require_server("submit")
     parameters = {**_served_parameters(args), "fresh": args.fresh or None}
     try:
         run = submit(Path(args.file), parameters, wait=args.wait)

@@ -86,8 +86,7 @@ def run_study(study_file: str, results_path: str = DEFAULT_RESULTS, data_dir: st
     """
     logger = get_run_logger()
     study = load_study(study_file)
-    execution = resolve_execution(getattr(study.config, "execution", None), runner, workers,
-                                  dask_address)
+    execution = resolve_execution(study.config.execution, runner, workers, dask_address)
     paths = pipeline.new_run(study, Path(results_path), Path(data_dir))
     if only_if_changed and pipeline.last_completed_run(paths.results, study) == paths.run_id:
         logger.info("run %s: study and data unchanged since it completed; skipped", paths.run_id)
@@ -123,7 +122,10 @@ def _run_locked(study_file: str, study_name: str, paths: pipeline.RunPaths, data
     analyses, todo = [], []
     for cid in ids:
         done = None if fresh else pipeline.finished(workspace, cid)
-        (analyses.append(done) if done else todo.append(cid))
+        if done:
+            analyses.append(done)
+        else:
+            todo.append(cid)
     if analyses:
         logger.info("%d of %d comparison(s) already finished: reused", len(analyses), len(ids))
     with threadpool_limits(limits=1), Progress(len(ids), "comparisons",
