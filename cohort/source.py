@@ -27,10 +27,14 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "condition_occurrence": ("person_id", "condition_concept_id", "condition_start_date"),
     "procedure_occurrence": ("person_id", "procedure_concept_id", "procedure_date"),
     "measurement": ("person_id", "measurement_concept_id", "measurement_date"),
+    "observation": ("person_id", "observation_concept_id", "observation_date"),
+    "death": ("person_id", "death_date"),
+    "visit_occurrence": ("person_id", "visit_concept_id", "visit_start_date"),
+    "concept_relationship": ("concept_id_1", "concept_id_2", "relationship_id"),
     "concept": ("concept_id", "concept_name", "domain_id", "vocabulary_id", "concept_code"),
     "concept_ancestor": ("ancestor_concept_id", "descendant_concept_id"),
 }
-OPTIONAL_TABLES = ("concept", "concept_ancestor", "cdm_source")
+OPTIONAL_TABLES = ("concept", "concept_ancestor", "concept_relationship", "cdm_source")
 NUMBER_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT",
                 "UINTEGER", "UBIGINT", "UHUGEINT", "FLOAT", "DOUBLE", "DECIMAL")
 

@@ -9,7 +9,7 @@ import yaml
 
 from flows.cli import main
 from flows.config import StudyFileError, load_study
-from tests.tiny_cdm import write_cdm
+from tests.tiny_cdm import concepts, write_cdm
 
 ROOT = Path(__file__).parents[1]
 GOOD = """\
@@ -144,8 +144,8 @@ def test_missing_source_and_tables(tmp_path, capsys):
 
 def test_missing_column_and_unknown_concept(tmp_path, capsys):
     path = write(tmp_path, GOOD)
-    write_cdm(tmp_path / "cdm", concept=[(101, "t", "Drug", "X", "1"),
-                                         (201, "o", "Condition", "X", "2")])
+    write_cdm(tmp_path / "cdm", concept=concepts((101, "t", "Drug", "X", "1"),
+                                         (201, "o", "Condition", "X", "2")))
     assert main(["validate", str(path)]) == 2
     assert "concept id(s) not in the source's concept table (c: 102)" in capsys.readouterr().err
     import pandas as pd

@@ -21,9 +21,17 @@ COLUMNS = {
                              "procedure_date": "date"},
     "measurement": {"person_id": "int64", "measurement_concept_id": "int64",
                     "measurement_date": "date"},
+    "observation": {"person_id": "int64", "observation_concept_id": "int64",
+                    "observation_date": "date"},
+    "death": {"person_id": "int64", "death_date": "date"},
+    "visit_occurrence": {"person_id": "int64", "visit_concept_id": "int64",
+                         "visit_start_date": "date", "visit_end_date": "date"},
     "concept": {"concept_id": "int64", "concept_name": "str", "domain_id": "str",
-                "vocabulary_id": "str", "concept_code": "str"},
+                "vocabulary_id": "str", "concept_code": "str", "concept_class_id": "str",
+                "standard_concept": "str"},
     "concept_ancestor": {"ancestor_concept_id": "int64", "descendant_concept_id": "int64"},
+    "concept_relationship": {"concept_id_1": "int64", "concept_id_2": "int64",
+                             "relationship_id": "str"},
 }
 
 
@@ -50,6 +58,16 @@ def write_cdm(folder: Path, **tables: list[tuple]) -> Path:
     return folder
 
 
-def concepts(*rows: tuple[int, str, str]) -> list[tuple]:
-    """concept rows from (id, name, domain)."""
-    return [(cid, name, domain, "Test", str(cid)) for cid, name, domain in rows]
+def concepts(*rows: tuple) -> list[tuple]:
+    """concept rows from (id, name, domain[, vocabulary, code, class, standard]).
+
+    Omitted fields default to vocabulary "Test", code str(id), class "Test", standard "S".
+    """
+    defaults = ("Test", None, "Test", "S")
+    full = []
+    for row in rows:
+        cid, name, domain, *rest = row
+        vocabulary, code, klass, standard = (*rest, *defaults[len(rest):])
+        full.append((cid, name, domain, vocabulary, str(cid) if code is None else code, klass,
+                     standard))
+    return full
