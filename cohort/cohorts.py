@@ -54,11 +54,13 @@ def attrition_steps(design: CohortDesign) -> list[tuple[str, str, str]]:
 
 
 def build_cohorts(source: RecordSource, design: CohortDesign) -> pd.DataFrame:
-    """Create temp tables `comparison` and `cohort`; return attrition rows for all comparisons.
+    """Create temp tables `comparison`, `arm_concept` and `cohort`; return attrition rows.
 
     Needs temp table concept_set (see cohort.concepts). `cohort` has one row per person and
     comparison: comparison_id, row_id (0-based, ordered by person), person_id, treated,
     index_date, risk_start, risk_end, days_at_risk, year_of_birth, gender_concept_id.
+    `arm_concept` (comparison_id, treated, concept_id) lists the concepts that define each arm
+    (never covariates).
     """
     con = source.con
     comparisons = pd.DataFrame(
@@ -68,6 +70,12 @@ def build_cohorts(source: RecordSource, design: CohortDesign) -> pd.DataFrame:
     con.register("cf_comparison_input", comparisons)
     con.execute("CREATE OR REPLACE TEMP TABLE cf_comparison AS SELECT * FROM cf_comparison_input")
     con.unregister("cf_comparison_input")
+    con.execute("""
+        CREATE OR REPLACE TEMP TABLE cf_arm_concept AS
+        SELECT DISTINCT c.comparison_id, cs.set_name = c.treatment AS treated, cs.concept_id
+        FROM cf_comparison c JOIN cf_concept_set cs
+          ON cs.set_name = c.treatment OR cs.set_name = c.comparator
+    """)
 
     table, concept_col, start_col, end_col = EXPOSURE_COLUMNS[design.exposure_table]
     con.execute(f"""

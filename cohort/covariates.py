@@ -93,10 +93,9 @@ def build_covariates(source: RecordSource, design: CohortDesign) -> pd.DataFrame
         SELECT DISTINCT comparison_id, row_id, covariate_id::BIGINT AS covariate_id
         FROM ({union}) c
         WHERE NOT EXISTS (
-            SELECT 1 FROM cf_comparison k JOIN cf_concept_set cs
-              ON cs.set_name = k.treatment OR cs.set_name = k.comparator
-            WHERE k.comparison_id = c.comparison_id
-              AND cs.concept_id = c.covariate_id // 1000
+            SELECT 1 FROM cf_arm_concept a
+            WHERE a.comparison_id = c.comparison_id
+              AND a.concept_id = c.covariate_id // 1000
               AND c.covariate_id % 1000 < 900
         )
     """)
