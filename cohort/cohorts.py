@@ -1,179 +1,230 @@
-"""New-user comparison cohorts for every treatment-comparator pair, with attrition, in SQL.
+"""Comparison cohorts for every treatment-comparator pair, with attrition, in SQL.
 
-Conventions (OHDSI): time zero (day 0) is the first recorded exposure to the concept set;
-windows are inclusive; days at risk = risk end - risk start + 1. Each drug's entries are built
-once and shared by every comparison that uses the drug.
+Conventions (OHDSI): time zero (day 0) is the first recorded exposure to the drug's concept
+set (for non-users, the assigned date); windows are inclusive; days at risk = risk end - risk
+start + 1. Each drug's entries are built and checked once and shared by every comparison.
 
-Rules, in attrition order, per comparison and arm:
- 1. first exposure to the drug anywhere in the data (time zero);
- 2. time zero inside an observation period, and the person has a person row;
- 3. at least `prior_observation_days` of continuous observation before time zero;
- 4. age (calendar-year difference) at least `min_age` at time zero;
- 5. washout: at least `washout_days` observed before time zero (so the first recorded exposure
-    is a new one) and no exposure to the other arm's drug in [-washout_days, -1];
- 6. persons eligible for both arms are removed from both;
- 7. at least one day at risk in [time zero + start_day, min(end of observation,
-    time zero + end_day)].
+Rules, in attrition order, per comparison and arm (each adds to the previous):
+ 1. entry: first recorded exposure (non-users: not exposed to the candidate by time zero);
+ 2. arm-level rules (cohort.eligibility): in observation with a person row, study window,
+    prior observation, age, sex;
+ 3. washout: observed at least `washout_days` before time zero (so the first recorded exposure
+    is a new one) and no exposure to the other arm's drugs in [-washout_days, -1];
+ 4. require / exclude / indication criteria, one step each;
+ 5. persons eligible for both arms: removed from both (`remove`), or kept in the arm entered
+    first and censored the day before the other arm's drug starts (`first`);
+ 6. common period: time zero within the dates both arms have entries (optional);
+ 7. at least `min_days_at_risk` days at risk in [anchor + start_day, min(anchor + end_day,
+    end of observation, death, day before switching, start + max_follow_up_days - 1)];
+ 8. comparator sample: at most `max_ratio` comparator persons per treated person (optional).
 """
 
 from __future__ import annotations
 
 import pandas as pd
 
-from cohort.design import CohortDesign
+from cohort.comparators import (
+    build_comparator_entries,
+    register_arm_sets,
+    uniform_sql,
+)
+from cohort.design import CohortDesign, ComparatorDef
+from cohort.eligibility import arm_steps, criteria_steps, flag_entries
+from cohort.exposures import EXPOSURE_COLUMNS, build_exposures
 from cohort.source import RecordSource
 
-EXPOSURE_COLUMNS = {
-    "drug_era": ("drug_era", "drug_concept_id", "drug_era_start_date", "drug_era_end_date"),
-    "drug_exposure": (
-        "drug_exposure", "drug_concept_id", "drug_exposure_start_date", "drug_exposure_end_date",
-    ),
-}
+__all__ = ["EXPOSURE_COLUMNS", "attrition_steps", "build_cohorts", "comparator_of"]
+
+
+def comparator_of(design: CohortDesign) -> ComparatorDef:
+    """The design's comparator; plain designs name it as the second of each pair."""
+    return design.comparator or ComparatorDef("active")
 
 
 def attrition_steps(design: CohortDesign) -> list[tuple[str, str, str]]:
-    """(step, description, SQL condition on cmp_entry) in order; each adds to the previous."""
-    min_age = design.min_age
-    return [
-        ("first_exposure", "first recorded exposure to the drug (time zero)", "true"),
-        ("in_observation", "time zero inside an observation period, person record present",
-         "in_observation"),
-        ("prior_observation",
-         f"at least {design.prior_observation_days} days of observation before time zero",
-         "prior_observation_ok"),
-        ("min_age",
-         "no age restriction" if min_age is None else f"aged {min_age} or more at time zero",
-         "age_ok"),
-        ("washout",
-         f"no exposure to the other arm's drug in the {design.washout_days} days before "
-         "time zero (and observed that long)", "washout_ok"),
-        ("not_in_both", "not eligible for both arms (such persons are removed from both)",
-         "NOT in_both"),
-        ("at_risk", "at least one day at risk", "days_at_risk >= 1"),
-    ]
+    """(step, description, SQL condition on cf_cmp_entry) in order."""
+    comparator = comparator_of(design)
+    entry = "first recorded exposure to the drug (time zero)"
+    if comparator.kind == "non_users":
+        rule = ("a treated person's first-exposure date" if comparator.index_rule ==
+                "matched_calendar" else "a randomly chosen visit")
+        entry += f"; comparator: persons given {rule} as time zero"
+    if comparator.max_ratio is not None and comparator.kind != "active":
+        entry += (f" (comparator pool pre-sampled at random to about "
+                  f"{comparator.max_ratio * 2:g} per treated person)")
+    steps = [("first_exposure", entry, "true")]
+    if comparator.kind == "non_users":
+        steps.append(("not_exposed", "comparator not exposed to the candidate on or before "
+                      "time zero", "not_exposed"))
+    steps += arm_steps(design)
+    steps.append(("washout", f"no exposure to the other arm's drug in the "
+                  f"{design.washout_days} days before time zero (and observed that long)",
+                  "washout_ok"))
+    steps += criteria_steps(design)
+    steps.append(("not_in_both", "not eligible for both arms (such persons are removed from "
+                  "both)" if design.both_arms == "remove" else "eligible for both arms: kept "
+                  "in the arm entered first, censored when the other arm's drug starts",
+                  "NOT dropped_in_both"))
+    if design.common_period:
+        steps.append(("common_period", "time zero within the period both arms have entries",
+                      "in_common_period"))
+    steps.append(("at_risk", f"at least {design.min_days_at_risk} day(s) at risk",
+                  "days_at_risk >= $min_days"))
+    if comparator.max_ratio is not None:
+        steps.append(("comparator_sample", f"comparator persons sampled at random to at most "
+                      f"{comparator.max_ratio:g} per treated person", "sampled"))
+    return steps
 
 
-def build_cohorts(source: RecordSource, design: CohortDesign) -> pd.DataFrame:
-    """Create temp tables `comparison`, `arm_concept` and `cohort`; return attrition rows.
+def build_cohorts(source: RecordSource, design: CohortDesign,
+                  comparisons: list[tuple[str, str]] | None = None) -> pd.DataFrame:
+    """Create temp tables cf_comparison, cf_arm_set, cf_arm_concept and cf_cohort; return
+    attrition rows for all comparisons.
 
-    Needs temp table concept_set (see cohort.concepts). `cohort` has one row per person and
-    comparison: comparison_id, row_id (0-based, ordered by person), person_id, treated,
-    index_date, risk_start, risk_end, days_at_risk, year_of_birth, gender_concept_id.
-    `arm_concept` (comparison_id, treated, concept_id) lists the concepts that define each arm
-    (never covariates).
+    `comparisons` (treatment, comparator label) defaults to design.comparisons. Needs temp
+    table cf_concept_set (cohort.concepts). `cf_cohort` has one row per person and comparison:
+    comparison_id, row_id (0-based, ordered by person), person_id, treated, index_date,
+    risk_start, risk_end, days_at_risk, year_of_birth, gender_concept_id. `cf_arm_concept`
+    (comparison_id, treated, concept_id) lists the concepts that define each arm (never
+    covariates).
     """
     con = source.con
-    comparisons = pd.DataFrame(
-        [(i, t, c) for i, (t, c) in enumerate(design.comparisons, start=1)],
-        columns=["comparison_id", "treatment", "comparator"],
-    )
-    con.register("cf_comparison_input", comparisons)
-    con.execute("CREATE OR REPLACE TEMP TABLE cf_comparison AS SELECT * FROM cf_comparison_input")
-    con.unregister("cf_comparison_input")
+    comparator = comparator_of(design)
+    pairs = list(comparisons if comparisons is not None else design.comparisons)
+    if comparator.kind != "active":
+        pairs = [(t, comparator.kind) for t, _ in pairs]
+    register_arm_sets(source, pairs, comparator)
+    arm_sets = [r[0] for r in con.execute(
+        "SELECT DISTINCT set_name FROM cf_arm_set ORDER BY 1").fetchall()]
+    build_exposures(source, design, arm_sets)
+    build_comparator_entries(source, comparator)
     con.execute("""
-        CREATE OR REPLACE TEMP TABLE cf_arm_concept AS
-        SELECT DISTINCT c.comparison_id, cs.set_name = c.treatment AS treated, cs.concept_id
-        FROM cf_comparison c JOIN cf_concept_set cs
-          ON cs.set_name = c.treatment OR cs.set_name = c.comparator
+        CREATE OR REPLACE TEMP TABLE cf_cmp_raw AS
+        SELECT c.comparison_id, e.set_name, e.person_id, e.index_date, e.episode_end,
+               true AS treated
+        FROM cf_comparison c JOIN cf_entry e ON e.set_name = c.treatment
+        UNION ALL SELECT * FROM cf_comparator_raw
     """)
-
-    table, concept_col, start_col, end_col = EXPOSURE_COLUMNS[design.exposure_table]
-    con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE cf_exposure AS
-        SELECT cs.set_name, e.person_id,
-               e.{start_col} AS start_date,
-               greatest(coalesce(e.{end_col}, e.{start_col}), e.{start_col}) AS end_date
-        FROM {table} e
-        JOIN cf_concept_set cs ON e.{concept_col} = cs.concept_id
-        WHERE cs.set_name IN (SELECT treatment FROM cf_comparison
-                              UNION SELECT comparator FROM cf_comparison)
-          AND e.person_id IS NOT NULL AND e.{start_col} IS NOT NULL
-    """)
-    con.execute("""
-        CREATE OR REPLACE TEMP TABLE cf_entry AS
-        WITH first_exposure AS (
-            SELECT set_name, person_id, min(start_date) AS index_date
-            FROM cf_exposure GROUP BY set_name, person_id
-        ), period AS (
-            SELECT person_id, observation_period_start_date AS op_start,
-                   observation_period_end_date AS op_end
-            FROM observation_period
-            WHERE observation_period_start_date IS NOT NULL
-              AND observation_period_end_date >= observation_period_start_date
-        ), person_row AS (
-            SELECT person_id, min(year_of_birth) AS year_of_birth,
-                   min(gender_concept_id) AS gender_concept_id
-            FROM person WHERE person_id IS NOT NULL GROUP BY person_id
-        )
-        SELECT f.set_name, f.person_id, f.index_date,
-               min(p.op_start) AS op_start, max(p.op_end) AS op_end,
-               any_value(r.year_of_birth) AS year_of_birth,
-               any_value(r.gender_concept_id) AS gender_concept_id,
-               bool_or(r.person_id IS NOT NULL) AS has_person
-        FROM first_exposure f
-        LEFT JOIN period p ON p.person_id = f.person_id
-                          AND f.index_date BETWEEN p.op_start AND p.op_end
-        LEFT JOIN person_row r ON r.person_id = f.person_id
-        GROUP BY f.set_name, f.person_id, f.index_date
-    """)
-    params = {
-        "prior": design.prior_observation_days,
-        "washout": design.washout_days,
-        "min_age": design.min_age,
-        "start_day": design.risk_start_day,
-        "end_day": design.risk_end_day,
-    }
-    con.execute("""
-        CREATE OR REPLACE TEMP TABLE cf_cmp_entry AS
-        WITH paired AS (
-            SELECT c.comparison_id, e.*, e.set_name = c.treatment AS treated,
-                   CASE WHEN e.set_name = c.treatment THEN c.comparator ELSE c.treatment END
-                       AS other_set,
-                   e.op_start IS NOT NULL AND e.has_person AS in_observation,
-                   datediff('day', e.op_start, e.index_date) AS observed_before
-            FROM cf_comparison c
-            JOIN cf_entry e ON e.set_name = c.treatment OR e.set_name = c.comparator
-        ), flagged AS (
-            SELECT *,
-                   coalesce(observed_before >= $prior, false) AS prior_observation_ok,
-                   $min_age IS NULL OR coalesce(
-                       year(index_date) - year_of_birth >= $min_age, false) AS age_ok,
-                   coalesce(observed_before >= $washout, false) AND NOT EXISTS (
-                       SELECT 1 FROM cf_exposure x
-                       WHERE x.person_id = paired.person_id AND x.set_name = paired.other_set
-                         AND x.start_date <= paired.index_date - 1
-                         AND x.end_date >= paired.index_date - $washout::INTEGER
-                   ) AS washout_ok,
-                   index_date + $start_day::INTEGER AS risk_start,
-                   CASE WHEN $end_day IS NULL THEN op_end
-                        ELSE least(op_end, index_date + $end_day::INTEGER) END AS risk_end
-            FROM paired
-        ), eligible AS (
-            SELECT *, in_observation AND prior_observation_ok AND age_ok AND washout_ok
-                       AS eligible_so_far
-            FROM flagged
-        )
-        SELECT *,
-               eligible_so_far AND count(*) FILTER (WHERE eligible_so_far) OVER (
-                   PARTITION BY comparison_id, person_id) > 1 AS in_both,
-               coalesce(datediff('day', risk_start, risk_end) + 1, 0) AS days_at_risk
-        FROM eligible
-    """, params)
+    con.execute("DROP TABLE cf_comparator_raw")
+    flag_entries(source, design, "cf_cmp_raw", "cf_cmp_flagged")
+    con.execute("DROP TABLE cf_cmp_raw")
+    _comparison_rules(source, design)
     steps = attrition_steps(design)
     keep = " AND ".join(f"({condition})" for _, _, condition in steps)
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE cf_cohort AS
         SELECT comparison_id,
-               (row_number() OVER (PARTITION BY comparison_id ORDER BY person_id) - 1)::INTEGER
-                   AS row_id,
+               (row_number() OVER (PARTITION BY comparison_id ORDER BY person_id, treated)
+                - 1)::INTEGER AS row_id,
                person_id, treated, index_date, risk_start, risk_end,
                days_at_risk::INTEGER AS days_at_risk, year_of_birth, gender_concept_id
         FROM cf_cmp_entry WHERE {keep}
-    """)
-    return _attrition(source, steps)
+    """, {"min_days": design.min_days_at_risk})
+    return _attrition(source, steps, design.min_days_at_risk)
 
 
-def _attrition(source: RecordSource, steps: list[tuple[str, str, str]]) -> pd.DataFrame:
+def _comparison_rules(source: RecordSource, design: CohortDesign) -> None:
+    """Create cf_cmp_entry: flagged entries plus the rules that depend on the comparison."""
+    con = source.con
+    comparator = comparator_of(design)
+    arm_rules = [c for _, _, c in arm_steps(design) + criteria_steps(design)]
+    anchor = {"time_zero": "index_date", "exposure_end": "episode_end"}
+    start_anchor, end_anchor = anchor[design.risk_start_anchor], anchor[design.risk_end_anchor]
+    not_exposed = ("f.treated OR NOT coalesce(o.ever_before, false)"
+                   if comparator.kind == "non_users" else "true")
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE cf_cmp_stage AS
+        WITH other_arm AS (
+            SELECT e.comparison_id, e.person_id, e.treated,
+                   bool_or(x.start_date < e.index_date
+                           AND x.end_date >= e.index_date - $washout::INTEGER) AS recent,
+                   bool_or(x.start_date <= e.index_date) AS ever_before,
+                   min(x.start_date) FILTER (WHERE x.start_date > e.index_date) AS switch_date
+            FROM cf_cmp_flagged e
+            JOIN cf_arm_set a ON a.comparison_id = e.comparison_id AND a.treated <> e.treated
+            JOIN cf_exposure x ON x.set_name = a.set_name AND x.person_id = e.person_id
+            GROUP BY e.comparison_id, e.person_id, e.treated
+        ), ruled AS (
+            SELECT f.*, o.switch_date,
+                   {not_exposed} AS not_exposed,
+                   f.washout_observed AND NOT coalesce(o.recent, false) AS washout_ok
+            FROM cf_cmp_flagged f LEFT JOIN other_arm o
+              ON o.comparison_id = f.comparison_id AND o.person_id = f.person_id
+             AND o.treated = f.treated
+        ), eligible AS (
+            SELECT *, not_exposed AND washout_ok AND {" AND ".join(arm_rules)}
+                      AS eligible_so_far
+            FROM ruled
+        )
+        SELECT *,
+               count(*) FILTER (WHERE eligible_so_far) OVER person_in_comparison > 1
+                   AS in_both,
+               min(index_date) FILTER (WHERE eligible_so_far) OVER person_in_comparison
+                   AS first_index,
+               count(*) FILTER (WHERE eligible_so_far) OVER (
+                   PARTITION BY comparison_id, person_id, index_date) AS entries_that_day
+        FROM eligible
+        WINDOW person_in_comparison AS (PARTITION BY comparison_id, person_id)
+    """, {"washout": design.washout_days})
+    con.execute("DROP TABLE cf_cmp_flagged")
+    censor_switch = "true" if design.censor_at_switch else "in_both"
+    dropped = ("in_both" if design.both_arms == "remove" else
+               "in_both AND (index_date > first_index OR entries_that_day > 1)")
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE cf_cmp_window AS
+        SELECT *, {dropped} AS dropped_in_both,
+               {start_anchor} + $start_day::INTEGER AS risk_start,
+               least(CASE WHEN $end_day::INTEGER IS NULL THEN op_end
+                          ELSE {end_anchor} + $end_day::INTEGER END,
+                     op_end,
+                     CASE WHEN $censor_death THEN death_date END,
+                     CASE WHEN {censor_switch} THEN switch_date - 1 END,
+                     CASE WHEN $max_days::INTEGER IS NOT NULL
+                          THEN {start_anchor} + $start_day::INTEGER + $max_days::INTEGER - 1
+                     END) AS risk_end
+        FROM cf_cmp_stage
+    """, {"start_day": design.risk_start_day, "end_day": design.risk_end_day,
+          "censor_death": design.censor_at_death, "max_days": design.max_follow_up_days})
+    con.execute("DROP TABLE cf_cmp_stage")
+    before_common = "eligible_so_far AND NOT dropped_in_both"
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE cf_cmp_entry AS
+        WITH period AS (
+            SELECT comparison_id,
+                   greatest(min(index_date) FILTER (WHERE treated),
+                            min(index_date) FILTER (WHERE NOT treated)) AS period_start,
+                   least(max(index_date) FILTER (WHERE treated),
+                         max(index_date) FILTER (WHERE NOT treated)) AS period_end
+            FROM cf_cmp_window WHERE {before_common} GROUP BY comparison_id
+        ), sized AS (
+            SELECT w.*,
+                   coalesce(w.index_date BETWEEN p.period_start AND p.period_end, false)
+                       AS in_common_period,
+                   coalesce(datediff('day', w.risk_start, w.risk_end) + 1, 0)
+                       AS days_at_risk
+            FROM cf_cmp_window w LEFT JOIN period p USING (comparison_id)
+        ), ranked AS (
+            SELECT *,
+                   {before_common} AND ({"in_common_period" if design.common_period
+                                         else "true"}) AND days_at_risk >= $min_days
+                       AS before_sample
+            FROM sized
+        )
+        SELECT *,
+               treated OR $max_ratio::DOUBLE IS NULL OR NOT before_sample
+               OR row_number() OVER (PARTITION BY comparison_id, treated, before_sample
+                                     ORDER BY {uniform_sql("person_id", "comparison_id", 3)},
+                                              person_id)
+                  <= floor($max_ratio::DOUBLE * count(*) FILTER (WHERE treated AND
+                           before_sample) OVER (PARTITION BY comparison_id)) AS sampled
+        FROM ranked
+    """, {"min_days": design.min_days_at_risk, "max_ratio": comparator.max_ratio,
+          "seed": comparator.seed})
+    con.execute("DROP TABLE cf_cmp_window")
+
+
+def _attrition(source: RecordSource, steps: list[tuple[str, str, str]],
+               min_days: int) -> pd.DataFrame:
     counts, cumulative = [], []
     for index, (_, _, condition) in enumerate(steps):
         cumulative.append(f"({condition})")
@@ -186,7 +237,7 @@ def _attrition(source: RecordSource, steps: list[tuple[str, str, str]]) -> pd.Da
         SELECT c.comparison_id, {", ".join(counts)}
         FROM cf_comparison c LEFT JOIN cf_cmp_entry e USING (comparison_id)
         GROUP BY c.comparison_id ORDER BY c.comparison_id
-    """).df()
+    """, {"min_days": min_days}).df()
     rows = [
         {
             "comparison_id": int(record["comparison_id"]),

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from cohort.cohorts import EXPOSURE_COLUMNS, build_cohorts
+from cohort.cohorts import EXPOSURE_COLUMNS, build_cohorts, comparator_of
 from cohort.concepts import concept_set_labels, resolve_concept_sets
 from cohort.covariates import build_covariates, domain_records
 from cohort.design import CohortDesign
 from cohort.outcomes import build_outcomes, outcome_attrition
+from cohort.screen import screen_candidates, screen_concept_sets
 from cohort.source import REQUIRED_COLUMNS, RecordSource, SourceError, scalar
 
 PARTITIONED = {"cohort": "cf_cohort", "covariate": "cf_covariate",
@@ -35,6 +36,7 @@ class PreparedStudy:
     attrition: pd.DataFrame
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    screen: pd.DataFrame | None = None  # the expanded treatment screen, with counts
 
     @classmethod
     def load(cls, workspace: Path) -> PreparedStudy:
@@ -45,6 +47,8 @@ class PreparedStudy:
             outcomes=pd.read_parquet(workspace / "outcomes.parquet"),
             attrition=pd.read_parquet(workspace / "attrition.parquet"),
             warnings=meta["warnings"], seconds=meta["seconds"],
+            screen=(pd.read_parquet(workspace / "screen.parquet")
+                    if (workspace / "screen.parquet").exists() else None),
         )
 
 
@@ -73,17 +77,28 @@ def prepare_study(source: RecordSource, design: CohortDesign, workspace: Path) -
         clock = now
 
     warnings = resolve_concept_sets(source, design.concept_sets)
-    _check_arms_have_concepts(source, design)
     check_usable_rows(source, design)
     warnings += data_warnings(source, design)
     lap("concept_sets")
-    attrition = build_cohorts(source, design)
-    _check_cohorts(source, design, attrition)
+    concept_sets, comparisons, screen = dict(design.concept_sets), list(design.comparisons), None
+    if design.screen is not None:
+        screen = screen_candidates(source, design)
+        candidates = screen_concept_sets(screen)
+        _check_screen(source, design, screen)
+        concept_sets.update(candidates)
+        comparator = comparator_of(design)
+        comparisons = [(name, comparator.name or comparator.kind) for name in candidates]
+        lap("screen")
+    _check_arms_have_concepts(source, design, comparisons)
+    attrition = build_cohorts(source, design, comparisons)
+    _check_cohorts(source, attrition)
     warnings += _cohort_warnings(source)
     lap("cohorts")
     outcomes = build_outcomes(source, design)
     _check_outcome_events(source, design)
-    attrition = pd.concat([attrition, outcome_attrition(source, design)], ignore_index=True)
+    outcome_steps = outcome_attrition(source, design)
+    outcome_steps["step_index"] = int(attrition["step_index"].max()) + 1
+    attrition = pd.concat([attrition, outcome_steps], ignore_index=True)
     lap("outcomes")
     covariate_ref = build_covariates(source, design)
     lap("covariates")
@@ -102,8 +117,9 @@ def prepare_study(source: RecordSource, design: CohortDesign, workspace: Path) -
                count(h.row_id) FILTER (WHERE NOT h.treated) AS n_comparator,
                (SELECT list(concept_id ORDER BY concept_id) FROM cf_concept_set s
                 WHERE s.set_name = c.treatment) AS treatment_concept_ids,
-               (SELECT list(concept_id ORDER BY concept_id) FROM cf_concept_set s
-                WHERE s.set_name = c.comparator) AS comparator_concept_ids
+               (SELECT list(DISTINCT a.concept_id ORDER BY a.concept_id) FROM cf_arm_concept a
+                WHERE a.comparison_id = c.comparison_id AND NOT a.treated)
+                   AS comparator_concept_ids
         FROM cf_comparison c LEFT JOIN cf_cohort h USING (comparison_id)
         GROUP BY ALL ORDER BY c.comparison_id
     """).df()
@@ -113,35 +129,58 @@ def prepare_study(source: RecordSource, design: CohortDesign, workspace: Path) -
                 WHERE s.set_name = o.outcome) AS concept_ids
         FROM cf_outcome o ORDER BY o.outcome_id
     """).df()
-    labels = concept_set_labels(source, design.concept_sets).set_index("set_name")
+    labels = concept_set_labels(source, concept_sets).set_index("set_name")
     for frame, name_column, prefix in ((comparisons, "treatment", "treatment_"),
                                        (comparisons, "comparator", "comparator_"),
                                        (outcomes, "outcome", "")):
         for label in ("codes", "names", "atc"):
-            frame[f"{prefix}{label}"] = frame[name_column].map(labels[label])
+            mapped = frame[name_column].map(labels[label])
+            frame[f"{prefix}{label}"] = [v if isinstance(v, list | tuple) or hasattr(v, "size")
+                                         else [] for v in mapped]
     comparisons.to_parquet(workspace / "comparisons.parquet")
     outcomes.to_parquet(workspace / "outcomes.parquet")
     attrition.to_parquet(workspace / "attrition.parquet")
+    if screen is not None:
+        screen.to_parquet(workspace / "screen.parquet")
     covariate_ref.to_parquet(workspace / "covariate_ref.parquet")
     lap("write_workspace")
     (workspace / "prepared.json").write_text(
         json.dumps({"warnings": warnings, "seconds": seconds}, indent=1)
     )
-    return PreparedStudy(workspace, comparisons, outcomes, attrition, warnings, seconds)
+    return PreparedStudy(workspace, comparisons, outcomes, attrition, warnings, seconds, screen)
 
 
-def _check_arms_have_concepts(source: RecordSource, design: CohortDesign) -> None:
+def _check_arms_have_concepts(source: RecordSource, design: CohortDesign,
+                              comparisons: list[tuple[str, str]]) -> None:
     """A treatment or comparator whose concept set resolves to nothing is an input error."""
+    arms = [name for pair in comparisons for name in pair
+            if name not in ("other_candidates", "non_users")]
     empty = source.con.execute(
-        "SELECT name FROM (SELECT unnest($names) AS name) n "
+        "SELECT name FROM (SELECT DISTINCT unnest($names) AS name) n "
         "WHERE name NOT IN (SELECT set_name FROM cf_concept_set) ORDER BY name",
-        {"names": design.exposure_sets + [o.name for o in design.outcomes]},
+        {"names": arms + [o.name for o in design.outcomes if o.name in design.concept_sets]},
     ).fetchall()
     if empty:
         raise SourceError(
             f"{source.path}: concept set(s) {', '.join(r[0] for r in empty)} resolve to no "
             "concepts (every included id is also excluded)"
         )
+
+
+def _check_screen(source: RecordSource, design: CohortDesign, screen: pd.DataFrame) -> None:
+    """A screen that selects no ingredient (or, against other candidates, only one) says why."""
+    assert design.screen is not None
+    chosen = int(screen["selected"].sum())
+    other_candidates = comparator_of(design).kind == "other_candidates"
+    if chosen >= (2 if other_candidates else 1):
+        return
+    top = screen.sort_values("eligible_new_users", ascending=False).head(3)
+    largest = ", ".join(f"{r.ingredient} {r.eligible_new_users}" for r in top.itertuples())
+    raise SourceError(
+        f"{source.path}: treatments screen: {chosen} ingredient(s) have at least "
+        f"{design.screen.min_new_users} eligible new users"
+        + (" (other_candidates needs two)" if other_candidates else "")
+        + f"; the largest: {largest or 'none'}")
 
 
 def check_usable_rows(source: RecordSource, design: CohortDesign) -> None:
@@ -200,20 +239,21 @@ def data_warnings(source: RecordSource, design: CohortDesign) -> list[str]:
     return warnings
 
 
-def _check_cohorts(source: RecordSource, design: CohortDesign, attrition: pd.DataFrame) -> None:
+def _check_cohorts(source: RecordSource, attrition: pd.DataFrame) -> None:
     """When no comparison keeps persons in both arms there is nothing to estimate: say why."""
     steps = attrition.sort_values(["comparison_id", "step_index"])
     final = steps.groupby("comparison_id").last()
     if ((final["treated_persons"] > 0) & (final["comparator_persons"] > 0)).any():
         return
+    names = dict(source.con.execute(
+        "SELECT comparison_id, treatment || ' vs ' || comparator FROM cf_comparison").fetchall())
     details = []
     for comparison_id, rows in steps.groupby("comparison_id"):
-        treatment, comparator = design.comparisons[int(comparison_id) - 1]
         empty = rows[(rows["treated_persons"] == 0) | (rows["comparator_persons"] == 0)].iloc[0]
         arms = " and ".join(arm for arm, column in (("treated", "treated_persons"),
                                                     ("comparator", "comparator_persons"))
                             if empty[column] == 0)
-        details.append(f"{treatment} vs {comparator}: no {arms} persons left after step "
+        details.append(f"{names[int(comparison_id)]}: no {arms} persons left after step "
                        f"{empty['step']} ({empty['description']})")
     raise SourceError(f"{source.path}: no comparison has persons in both arms; "
                       f"{'; '.join(details)}")

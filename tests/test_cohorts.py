@@ -110,7 +110,7 @@ def test_attrition_counts_every_rule(prepared):
     steps = result.attrition.set_index("step")
     expected = {  # step: (treated, comparator) persons remaining
         "first_exposure": (8, 5), "in_observation": (6, 5), "prior_observation": (5, 5),
-        "min_age": (4, 5), "washout": (4, 4), "not_in_both": (3, 3), "at_risk": (3, 3),
+        "age": (4, 5), "washout": (4, 4), "not_in_both": (3, 3), "at_risk": (3, 3),
         "no_prior_outcome": (3, 2),
     }
     for step, (treated, comparator) in expected.items():
