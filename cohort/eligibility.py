@@ -3,8 +3,9 @@ zero, never on the comparison (observation, study window, prior observation, age
 history needed for washout, and require/exclude/indication criteria).
 
 `flag_entries` turns a table of entries (comparison_id, set_name, person_id, index_date,
-episode_end, any further columns) into the same rows with the person's data and one boolean column per rule, so the
-screen (counting eligible new users per ingredient) and the comparisons share one definition.
+episode_end, any further columns) into the same rows with the person's data and one boolean
+column per rule, so the screen (counting eligible new users per ingredient) and the
+comparisons share one definition.
 """
 
 from __future__ import annotations

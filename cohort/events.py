@@ -54,6 +54,9 @@ def concept_set_events(source: RecordSource, set_names: list[str], what: str) ->
     parts = []
     for domain in needed:  # constant table and column names only reach the SQL
         table, concept, start, end = EVENT_TABLES[domain]
+        if domain == "Drug" and source.has_rows("drug_era"):  # ingredient-level eras first
+            table, concept, start, end = ("drug_era", "drug_concept_id", "drug_era_start_date",
+                                          "drug_era_end_date")
         if not source.has_rows(table):
             continue
         end_sql = f"greatest(coalesce(r.{end}, r.{start}), r.{start})" if end else f"r.{start}"
@@ -64,5 +67,6 @@ def concept_set_events(source: RecordSource, set_names: list[str], what: str) ->
         """)
     if not parts:
         return ("SELECT NULL::VARCHAR AS set_name, NULL::BIGINT AS person_id, "
-                "NULL::DATE AS start_date, NULL::DATE AS end_date WHERE false")
+                "NULL::DATE AS start_date, NULL::DATE AS end_date "
+                "WHERE len($event_sets) < 0")  # uses the parameter the caller binds
     return " UNION ALL ".join(f"({part})" for part in parts)

@@ -18,7 +18,7 @@ from cohort.cohorts import EXPOSURE_COLUMNS, build_cohorts, comparator_of
 from cohort.concepts import concept_set_labels, resolve_concept_sets
 from cohort.covariates import build_covariates, domain_records
 from cohort.design import CohortDesign
-from cohort.outcomes import build_outcomes, outcome_attrition
+from cohort.outcomes import build_outcomes, outcome_attrition, outcome_requirements
 from cohort.screen import screen_candidates, screen_concept_sets
 from cohort.source import REQUIRED_COLUMNS, RecordSource, SourceError, scalar
 
@@ -61,6 +61,7 @@ def source_requirements(source: RecordSource, design: CohortDesign) -> dict:
         if domain != "demographics":
             table = domain_records(source, domain)[1]
             needs[table] = REQUIRED_COLUMNS[table]
+    needs.update(outcome_requirements(source, design))
     return needs
 
 
@@ -276,7 +277,8 @@ def _check_outcome_events(source: RecordSource, design: CohortDesign) -> None:
         return
     names = [o.name for o in design.outcomes]
     listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    tables = " or ".join(outcome_requirements(source, design))
     raise SourceError(
-        f"{source.path}: no outcome events: no outcome ({listed}) has a condition_occurrence "
-        "record during follow-up in any comparison"
+        f"{source.path}: no outcome events: no outcome ({listed}) has a record in {tables} "
+        "during follow-up in any comparison"
     )

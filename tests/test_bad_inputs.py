@@ -198,7 +198,7 @@ BAD_FILES = [
      r"study\.yaml:13: follow_up\.end_day: Input should be less than or equal to 36500, "
      r"got 100000"),
     (STUDY + "follow_up: {start_day: -30}\n",
-     r"follow_up\.start_day: Input should be greater than or equal to 0, got -30"),
+     r"follow_up: start_day \(-30\) is before time zero"),
     (STUDY + "follow_up: {exclude_prior_outcome: maybe}\n",
      r"follow_up\.exclude_prior_outcome: Input should be a valid boolean.*'maybe'"),
     (STUDY + "diagnostics: {max_smd: .nan}\n",
@@ -374,14 +374,14 @@ NOTHING_TO_ESTIMATE = [
      r"cdm: table drug_era has no rows with a drug_era_start_date$"),
     ("min_age 150", None, STUDY + "population: {min_age: 150}\n",
      r"cdm: no comparison has persons in both arms; t1 vs c: no treated and comparator persons "
-     r"left after step min_age \(aged 150 or more at time zero\); t2 vs c: no treated and "
-     r"comparator persons left after step min_age"),
+     r"left after step age \(aged 150 or more at time zero\); t2 vs c: no treated and "
+     r"comparator persons left after step age"),
     ("no exposure to any comparator", lambda t: t.update(
         drug_era=[r for r in t["drug_era"] if r[1] != C]), STUDY,
      r"no comparison has persons in both arms; t1 vs c: no comparator persons left after step "
      r"first_exposure \(first recorded exposure to the drug \(time zero\)\)"),
     ("no outcome event during follow-up", _events_before_index, STUDY,
-     r"cdm: no outcome events: no outcome \(o\) has a condition_occurrence record during "
+     r"cdm: no outcome events: no outcome \(o\) has a record in condition_occurrence during "
      r"follow-up in any comparison$"),
 ]
 

@@ -1,0 +1,404 @@
+"""Every population, comparator and follow-up rule on tiny hand-made CDMs, answers by hand.
+
+Each test builds its own CDM of a handful of persons so the expected persons, dates and days at
+risk can be read off the rows. Drugs: T 101, C 102, X 103 (a third candidate). Everyone is
+observed 2010-01-01..2015-12-31 and born in 1960 unless a row says otherwise. Day arithmetic:
+days at risk = risk end - risk start + 1 (both inclusive).
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cohort.design import (
+    CohortDesign,
+    ComparatorDef,
+    ConceptSetDef,
+    Criterion,
+    OutcomeDef,
+    ScreenDef,
+)
+from cohort.prepare import prepare_study
+from cohort.source import SourceError, open_source
+from tests.tiny_cdm import concepts, d, write_cdm
+
+T, C, X, OUT, HTN, CANCER = 101, 102, 103, 201, 301, 302
+OBS = (d("2010-01-01"), d("2015-12-31"))
+SETS = {"t": ConceptSetDef("t", (T,)), "c": ConceptSetDef("c", (C,)),
+        "x": ConceptSetDef("x", (X,)), "o": ConceptSetDef("o", (OUT,)),
+        "htn": ConceptSetDef("htn", (HTN,)), "cancer": ConceptSetDef("cancer", (CANCER,))}
+VOCABULARY = concepts((T, "drug T", "Drug"), (C, "drug C", "Drug"), (X, "drug X", "Drug"),
+                      (OUT, "outcome", "Condition"), (HTN, "hypertension", "Condition"),
+                      (CANCER, "cancer", "Condition"), (8507, "MALE", "Gender"),
+                      (8532, "FEMALE", "Gender"))
+
+
+def design(**changes) -> CohortDesign:
+    base = dict(
+        concept_sets=SETS, exposure_table="drug_era", comparisons=(("t", "c"),),
+        prior_observation_days=365, washout_days=365, min_age=None,
+        outcomes=(OutcomeDef("o"),), risk_start_day=0, risk_end_day=None,
+        exclude_prior_outcome=True, covariate_windows=((-365, -1),),
+        covariate_domains=("condition", "demographics"), min_prevalence=0.0,
+    )
+    base.update(changes)
+    return CohortDesign(**base)
+
+
+def cdm(folder: Path, persons: list[int], eras: list[tuple], conditions=(), **tables) -> Path:
+    """Persons born 1960 (male) observed over OBS unless given; everyone has the outcome on
+    2015-06-01 (after every time zero here: it never changes who is in a cohort)."""
+    tables.setdefault("person", [(p, 8507, 1960) for p in persons])
+    tables.setdefault("observation_period", [(p, *OBS) for p in persons])
+    conditions = list(conditions) + [(p, OUT, d("2015-06-01")) for p in persons]
+    return write_cdm(folder, drug_era=eras, condition_occurrence=conditions,
+                     concept=tables.pop("concept", VOCABULARY),
+                     concept_ancestor=tables.pop("concept_ancestor", []), **tables)
+
+
+def era(person: int, drug: int, start: str, end: str | None = None) -> tuple:
+    return (person, drug, d(start), d(end or start))
+
+
+def prepare(tmp_path: Path, folder: Path, study: CohortDesign):
+    source = open_source(folder)
+    try:
+        result = prepare_study(source, study, tmp_path / "ws")
+    finally:
+        source.close()
+    cohort = pd.read_parquet(tmp_path / "ws" / "cohort").astype({"comparison_id": "int64"})
+    return result, cohort
+
+
+def members(cohort: pd.DataFrame, comparison_id: int = 1) -> dict[int, tuple]:
+    """person -> (treated, index date, risk end, days at risk) in one comparison."""
+    rows = cohort[cohort["comparison_id"] == comparison_id]
+    return {int(r.person_id): (bool(r.treated), r.index_date, r.risk_end, int(r.days_at_risk))
+            for r in rows.itertuples()}
+
+
+def steps(result, comparison_id: int = 1) -> dict[str, tuple[int, int]]:
+    rows = result.attrition[(result.attrition["comparison_id"] == comparison_id)
+                            & result.attrition["outcome"].isna()]
+    return {r.step: (r.treated_persons, r.comparator_persons) for r in rows.itertuples()}
+
+
+# --- population -------------------------------------------------------------------------------
+
+def test_study_window_age_range_and_sex(tmp_path):
+    """1 in; 2 time zero after the window; 3 aged 72 (> 70); 4 female; 5 comparator in."""
+    folder = cdm(tmp_path / "cdm", [1, 2, 3, 4, 5],
+                 [era(1, T, "2012-01-01"), era(2, T, "2013-02-01"), era(3, T, "2012-01-01"),
+                  era(4, T, "2012-01-01"), era(5, C, "2012-03-01")],
+                 person=[(1, 8507, 1960), (2, 8507, 1960), (3, 8507, 1940), (4, 8532, 1960),
+                         (5, 8507, 1960)])
+    result, cohort = prepare(tmp_path, folder, design(
+        study_start=date(2011, 6, 1), study_end=date(2012, 12, 31), min_age=40, max_age=70,
+        sexes=(8507,)))
+    assert set(members(cohort)) == {1, 5}
+    counts = steps(result)
+    assert counts["first_exposure"] == (4, 1)
+    assert counts["study_window"] == (3, 1)
+    assert counts["age"] == (2, 1)
+    assert counts["sex"] == (1, 1)
+
+
+def test_require_exclude_and_indication_windows(tmp_path):
+    """require htn in [-365, 0]; exclude cancer in [-365, -1]; all T users index 2012-01-01.
+    (3 and 6 also have an earlier htn record, for the min_count case.)
+
+    1 htn on day -306 -> in;  2 htn on day -366 -> fails require;  3 htn on day 0 -> in;
+    4 htn ok, cancer on day -1 -> excluded;  5 htn ok, cancer on day 0 -> in (window ends -1);
+    6 comparator, htn day -61 -> in.
+    """
+    conditions = [(1, HTN, d("2011-03-01")), (2, HTN, d("2010-12-31")), (3, HTN, d("2012-01-01")),
+                  (4, HTN, d("2011-06-01")), (4, CANCER, d("2011-12-31")),
+                  (5, HTN, d("2011-06-01")), (5, CANCER, d("2012-01-01")),
+                  (6, HTN, d("2011-11-01")), (1, OUT, d("2013-01-01")),
+                  (3, HTN, d("2011-01-01")), (6, HTN, d("2010-06-01"))]
+    eras = [era(p, T, "2012-01-01") for p in (1, 2, 3, 4, 5)] + [era(6, C, "2012-01-01")]
+    folder = cdm(tmp_path / "cdm", [1, 2, 3, 4, 5, 6], eras, conditions)
+    criteria = (Criterion("require", "htn", (-365, 0)),
+                Criterion("exclude", "cancer", (-365, -1)))
+    result, cohort = prepare(tmp_path, folder, design(criteria=criteria))
+    assert set(members(cohort)) == {1, 3, 5, 6}
+    counts = steps(result)
+    assert counts["require_htn"] == (4, 1) and counts["exclude_cancer"] == (3, 1)
+    # an indication recorded at least twice in two years: persons 3 and 6 (comparator)
+    twice = (Criterion("indication", "htn", (-730, 0), min_count=2),)
+    result, cohort = prepare(tmp_path, folder, design(criteria=twice))
+    assert steps(result)["indication_htn"] == (1, 1)
+    assert set(members(cohort)) == {3, 6}
+
+
+def test_criterion_on_a_drug_counts_overlapping_eras(tmp_path):
+    """require X in [-30, -1]: an X era ending on day -10 overlaps; one ending on day -31 not."""
+    eras = [era(1, T, "2012-01-01"), era(1, X, "2011-11-01", "2011-12-22"),
+            era(2, T, "2012-01-01"), era(2, X, "2011-11-01", "2011-12-01"),
+            era(3, C, "2012-01-01"), era(3, X, "2011-12-31")]
+    folder = cdm(tmp_path / "cdm", [1, 2, 3], eras)
+    _, cohort = prepare(tmp_path, folder, design(criteria=(
+        Criterion("require", "x", (-30, -1)),)))
+    assert set(members(cohort)) == {1, 3}
+
+
+# --- persons in both arms, common period --------------------------------------------------------
+
+BOTH = [era(1, T, "2012-01-01"), era(1, C, "2014-05-01"),   # both eligible, T first
+        era(2, T, "2012-01-01"), era(2, C, "2012-01-01"),   # both on the same day
+        era(3, C, "2012-06-01"), era(4, T, "2012-06-01")]
+
+
+def test_both_arms_removed_by_default(tmp_path):
+    folder = cdm(tmp_path / "cdm", [1, 2, 3, 4], BOTH)
+    result, cohort = prepare(tmp_path, folder, design())
+    assert set(members(cohort)) == {3, 4}
+    assert steps(result)["washout"] == (3, 3)
+    assert steps(result)["not_in_both"] == (1, 1)
+
+
+def test_both_arms_first_keeps_the_earlier_arm_and_censors_at_the_other(tmp_path):
+    folder = cdm(tmp_path / "cdm", [1, 2, 3, 4], BOTH)
+    _, cohort = prepare(tmp_path, folder, design(both_arms="first"))
+    found = members(cohort)
+    assert set(found) == {1, 3, 4}  # 2 started both the same day: no first arm
+    # 2012-01-01 .. 2014-04-30: 366 + 365 + 120 days
+    assert found[1] == (True, d("2012-01-01"), d("2014-04-30"), 366 + 365 + 120)
+
+
+def test_common_period(tmp_path):
+    """T time zeros 2011-06-01 and 2012-06-01; C 2012-01-01 and 2014-01-01: common period is
+    2012-01-01..2012-06-01, so T person 1 and C person 4 fall outside."""
+    eras = [era(1, T, "2011-06-01"), era(2, T, "2012-06-01"), era(3, C, "2012-01-01"),
+            era(4, C, "2014-01-01")]
+    folder = cdm(tmp_path / "cdm", [1, 2, 3, 4], eras)
+    result, cohort = prepare(tmp_path, folder, design(common_period=True))
+    assert set(members(cohort)) == {2, 3}
+    assert steps(result)["common_period"] == (1, 1)
+
+
+# --- follow-up --------------------------------------------------------------------------------
+
+FOLLOW = [era(1, T, "2012-01-01", "2012-01-30"), era(1, T, "2012-02-20", "2012-03-31"),
+          era(1, T, "2012-06-01", "2012-06-30"),
+          era(2, T, "2012-01-01", "2012-02-01"),
+          era(3, T, "2012-01-01", "2012-02-01"), era(3, C, "2012-05-01", "2012-06-01"),
+          era(4, C, "2012-01-01", "2012-01-01")]  # a 0-day exposure (start = end)
+DEATH = [(2, d("2012-07-01"))]
+EARLY = [(1, OUT, d("2012-01-15"))]  # an event inside even the shortest follow-up
+
+
+def test_intention_to_treat_censors_at_death_and_optionally_at_switch(tmp_path):
+    folder = cdm(tmp_path / "cdm", [1, 2, 3, 4], FOLLOW, EARLY, death=DEATH)
+    _, cohort = prepare(tmp_path, folder, design())
+    found = members(cohort)
+    end_of_observation = (d("2015-12-31") - d("2012-01-01")).days + 1
+    assert found[1][3] == end_of_observation
+    assert found[2][2:] == (d("2012-07-01"), 183)  # death day is at risk: Jan 1 .. Jul 1
+    assert found[3][3] == end_of_observation       # switching ignored under ITT
+    assert found[4][3] == end_of_observation       # a 0-day exposure still starts follow-up
+    _, cohort = prepare(tmp_path, folder, design(censor_at_switch=True, censor_at_death=False))
+    found = members(cohort)
+    assert found[3][2:] == (d("2012-04-30"), 121)  # the day before C starts
+    assert found[2][3] == end_of_observation
+
+
+def test_on_treatment_episodes_bridge_gaps(tmp_path):
+    folder = cdm(tmp_path / "cdm", [1, 2, 3, 4], FOLLOW, EARLY, death=DEATH)
+    on_treatment = dict(risk_end_anchor="exposure_end", risk_end_day=0)
+    _, cohort = prepare(tmp_path, folder, design(gap_days=30, **on_treatment))
+    found = members(cohort)
+    assert found[1][2:] == (d("2012-03-31"), 91)   # 20-day gap bridged, 62-day gap not
+    assert found[2][2:] == (d("2012-02-01"), 32)
+    assert found[4][2:] == (d("2012-01-01"), 1)    # 0-day exposure: one day on treatment
+    _, cohort = prepare(tmp_path, folder, design(gap_days=0, **on_treatment))
+    assert members(cohort)[1][2:] == (d("2012-01-30"), 30)
+    _, cohort = prepare(tmp_path, folder, design(gap_days=30, risk_end_anchor="exposure_end",
+                                                 risk_end_day=10))
+    assert members(cohort)[1][2:] == (d("2012-04-10"), 101)
+
+
+def test_max_follow_up_start_day_and_min_days_at_risk(tmp_path):
+    folder = cdm(tmp_path / "cdm", [1, 2, 3, 4], FOLLOW, EARLY, death=DEATH)
+    _, cohort = prepare(tmp_path, folder, design(max_follow_up_days=100, risk_start_day=1))
+    found = members(cohort)
+    assert found[1][2:] == (d("2012-04-10"), 100)  # 2012-01-02 + 99 days
+    result, cohort = prepare(tmp_path, folder, design(min_days_at_risk=200))
+    assert set(members(cohort)) == {1, 3, 4}       # person 2 died after 183 days
+    assert steps(result)["at_risk"] == (2, 1)
+
+
+# --- comparators ------------------------------------------------------------------------------
+
+def test_other_candidates(tmp_path):
+    """Candidates t, c, x compared each with new users of the other two.
+
+    1 T only; 2 C then X 16 months later; 3 T then X 27 months later; 4 X only. In t vs
+    others: treated 1, 3;
+    comparators 2 (time zero at C) and 4 (X); 3 is a new user of X too, so (both_arms first)
+    stays treated and is censored the day before X. In x vs others 3 is a comparator (T first)
+    censored the day before X.
+    """
+    eras = [era(1, T, "2012-01-01", "2012-01-31"), era(2, C, "2012-02-01"),
+            era(2, X, "2013-06-01"), era(3, T, "2012-03-01", "2012-03-31"),
+            era(3, X, "2014-06-01"), era(4, X, "2012-01-01")]
+    folder = cdm(tmp_path / "cdm", [1, 2, 3, 4], eras)
+    result, cohort = prepare(tmp_path, folder, design(
+        comparisons=(("t", "other_candidates"), ("c", "other_candidates"),
+                     ("x", "other_candidates")),
+        comparator=ComparatorDef("other_candidates"), both_arms="first"))
+    t_vs_others = members(cohort, 1)
+    assert {p: v[:2] for p, v in t_vs_others.items()} == {
+        1: (True, d("2012-01-01")), 2: (False, d("2012-02-01")), 3: (True, d("2012-03-01")),
+        4: (False, d("2012-01-01"))}
+    assert t_vs_others[3][2] == d("2014-05-31")
+    x_vs_others = members(cohort, 3)
+    assert x_vs_others[3][:3] == (False, d("2012-03-01"), d("2014-05-31"))
+    assert x_vs_others[4][:2] == (True, d("2012-01-01"))
+    # 2 is a new user of X 16 months after C: a comparator from C, censored the day before X
+    assert x_vs_others[2][:3] == (False, d("2012-02-01"), d("2013-05-31"))
+    assert set(result.comparisons["comparator"]) == {"other_candidates"}
+
+
+def test_non_users_matched_calendar(tmp_path):
+    """Time zero of a non-user is one of the candidate's new users' first-exposure dates.
+
+    Treated: 1 and 2, both 2012-01-01, so every non-user gets 2012-01-01. Pool: everyone; 1 and
+    2 are exposed by then (out); 3 never exposed -> comparator; 6 observed only from 2011-07-01
+    -> too little history.
+    """
+    eras = [era(1, T, "2012-01-01"), era(2, T, "2012-01-01")]
+    periods = [(p, *OBS) for p in (1, 2, 3)] + [(6, d("2011-07-01"), OBS[1])]
+    folder = cdm(tmp_path / "cdm", [1, 2, 3, 6], eras, observation_period=periods)
+    result, cohort = prepare(tmp_path, folder, design(
+        comparisons=(("t", "non_users"),), both_arms="first",
+        comparator=ComparatorDef("non_users", max_ratio=10)))
+    assert {p: v[:2] for p, v in members(cohort).items()} == {
+        1: (True, d("2012-01-01")), 2: (True, d("2012-01-01")), 3: (False, d("2012-01-01"))}
+    counts = steps(result)
+    assert counts["first_exposure"] == (2, 4)
+    assert counts["not_exposed"] == (2, 2)
+    assert counts["prior_observation"] == (2, 1)
+
+
+def test_non_users_later_initiators_are_censored(tmp_path):
+    """With new users on several dates, each non-user's time zero is one of those dates, they
+    have no exposure on or before it, and a non-user who starts later is censored the day
+    before (both_arms first keeps the earlier entry)."""
+    starts = {1: "2012-01-01", 2: "2012-01-01", 4: "2011-06-01", 5: "2013-01-01"}
+    eras = [era(p, T, day) for p, day in starts.items()]
+    persons = [1, 2, 3, 4, 5, 7, 8, 9]
+    folder = cdm(tmp_path / "cdm", persons, eras)
+    _, cohort = prepare(tmp_path, folder, design(
+        comparisons=(("t", "non_users"),), both_arms="first",
+        comparator=ComparatorDef("non_users", max_ratio=10)))
+    found = members(cohort)
+    comparators = {p: v for p, v in found.items() if not v[0]}
+    assert {3, 7, 8, 9} <= set(comparators)
+    for person, (_, index, risk_end, _) in comparators.items():
+        assert index in {d(day) for day in starts.values()}
+        if person in starts:
+            assert d(starts[person]) > index and risk_end == d(starts[person]) - pd.Timedelta(
+                days=1)
+
+
+def test_non_users_random_visit(tmp_path):
+    """Non-users get one of their own visit dates; persons without visits are not in the pool."""
+    eras = [era(1, T, "2012-01-01")]
+    visits = [(2, 9201, d("2012-08-01"), d("2012-08-03")), (3, 9202, d("2011-05-05"),
+                                                           d("2011-05-05")),
+              (3, 9202, d("2013-05-05"), d("2013-05-05"))]
+    folder = cdm(tmp_path / "cdm", [1, 2, 3, 4], eras, visit_occurrence=visits)
+    _, cohort = prepare(tmp_path, folder, design(
+        comparisons=(("t", "non_users"),),
+        comparator=ComparatorDef("non_users", index_rule="random_visit", max_ratio=10)))
+    found = members(cohort)
+    assert found[2][:2] == (False, d("2012-08-01"))
+    assert found[3][1] in (d("2011-05-05"), d("2013-05-05"))
+    assert 4 not in found
+
+
+def test_comparator_sampling_is_capped_and_stable(tmp_path):
+    eras = [era(1, T, "2012-01-01"), era(2, T, "2012-02-01")] + [
+        era(p, C, "2012-03-01") for p in range(10, 20)]
+    folder = cdm(tmp_path / "cdm", [1, 2, *range(10, 20)], eras)
+    sampled = design(comparator=ComparatorDef("active", "c", max_ratio=2))
+    result, first = prepare(tmp_path, folder, sampled)
+    _, second = prepare(tmp_path, folder, sampled)
+    assert steps(result)["comparator_sample"] == (2, 4)
+    assert (~first["treated"]).sum() == 4
+    assert set(first["person_id"]) == set(second["person_id"])
+
+
+# --- screens ---------------------------------------------------------------------------------
+
+def test_screen_rolls_products_up_to_ingredients(tmp_path):
+    """Ingredients A (products 1001, 1002) and B; min 2 eligible new users.
+
+    A: persons 1 (product 1001), 2 (1002), 3 (ingredient itself, but too little history) -> 2
+    eligible, selected. B: persons 4, 5 exposed but 5 aged 12 (min_age 18) -> 1, not selected.
+    C is the active comparator (never a candidate).
+    """
+    A, B, A1, A2 = 111, 112, 1001, 1002
+    vocabulary = VOCABULARY + concepts(
+        (A, "Ingredient A", "Drug", "RxNorm", "A", "Ingredient"),
+        (B, "ingredient b", "Drug", "RxNorm", "B", "Ingredient"),
+        (A1, "A 10 MG tablet", "Drug", "RxNorm", "A1", "Clinical Drug"),
+        (A2, "A 20 MG tablet", "Drug", "RxNorm", "A2", "Clinical Drug"))
+    vocabulary = [(*row[:5], "Ingredient" if row[0] == C else row[5], *row[6:])
+                  for row in vocabulary]
+    ancestors = [(A, A), (A, A1), (A, A2), (B, B), (C, C)]
+    eras = [era(1, A1, "2012-01-01"), era(2, A2, "2012-02-01"), era(4, B, "2012-01-01"),
+            era(5, B, "2012-01-01"), era(6, C, "2012-01-01"), era(7, C, "2012-01-01"),
+            (3, A, d("2010-06-01"), d("2010-06-01"))]
+    folder = cdm(tmp_path / "cdm", list(range(1, 8)), eras, concept=vocabulary,
+                 concept_ancestor=ancestors,
+                 person=[(p, 8507, 2000 if p == 5 else 1960) for p in range(1, 8)])
+    result, cohort = prepare(tmp_path, folder, design(
+        comparisons=(), screen=ScreenDef(min_new_users=2), min_age=18,
+        comparator=ComparatorDef("active", "c")))
+    screen = result.screen.set_index("ingredient")
+    assert screen.loc["Ingredient A", ["exposed_persons", "eligible_new_users", "selected"]
+                      ].tolist() == [3, 2, True]
+    assert screen.loc["ingredient b", ["exposed_persons", "eligible_new_users"]].tolist() == [2, 1]
+    assert "drug C" not in screen.index
+    assert list(result.comparisons["treatment"]) == ["ingredient_a"]
+    assert set(members(cohort)) == {1, 2, 6, 7}
+
+
+def test_screen_needs_a_vocabulary(tmp_path):
+    folder = cdm(tmp_path / "cdm", [1, 2], [era(1, T, "2012-01-01"), era(2, C, "2012-01-01")])
+    source = open_source(folder)
+    try:
+        with pytest.raises(SourceError, match=r"treatments screen needs the vocabulary.*"
+                                              "concept_ancestor is empty"):
+            prepare_study(source, design(comparisons=(), screen=ScreenDef(min_new_users=1),
+                                         comparator=ComparatorDef("active", "c")),
+                          tmp_path / "ws")
+    finally:
+        source.close()
+
+
+# --- dirty data -------------------------------------------------------------------------------
+
+def test_overlapping_periods_and_time_zero_before_birth(tmp_path):
+    """1: two overlapping periods (2010-01-01..2012-06-30, 2012-01-01..2014-12-31) combine, so
+    follow-up runs to 2014-12-31; 2: born 2013 but exposed in 2012 -> kept with a warning when
+    there is no age restriction, removed by min_age 0."""
+    periods = [(1, d("2010-01-01"), d("2012-06-30")), (1, d("2012-01-01"), d("2014-12-31")),
+               (2, *OBS), (3, *OBS)]
+    eras = [era(1, T, "2012-03-01"), era(2, T, "2012-03-01"), era(3, C, "2012-03-01")]
+    folder = cdm(tmp_path / "cdm", [1, 2, 3], eras, observation_period=periods,
+                 person=[(1, 8507, 1960), (2, 8532, 2013), (3, 8507, 1960)])
+    result, cohort = prepare(tmp_path, folder, design())
+    found = members(cohort)
+    assert found[1][2] == d("2014-12-31")
+    assert 2 in found
+    assert any("overlapping periods" in w for w in result.warnings)
+    assert any("before their year of birth" in w for w in result.warnings)
+    _, cohort = prepare(tmp_path, folder, design(min_age=0))
+    assert 2 not in members(cohort)
