@@ -29,7 +29,7 @@ from cohort.comparators import (
     uniform_sql,
 )
 from cohort.design import CohortDesign, ComparatorDef
-from cohort.eligibility import arm_steps, criteria_steps, flag_entries
+from cohort.eligibility import arm_steps, criteria_steps, eligible_entries, flag_entries
 from cohort.exposures import EXPOSURE_COLUMNS, build_exposures
 from cohort.source import RecordSource
 
@@ -45,6 +45,9 @@ def attrition_steps(design: CohortDesign) -> list[tuple[str, str, str]]:
     """(step, description, SQL condition on cf_cmp_entry) in order."""
     comparator = comparator_of(design)
     entry = "first recorded exposure to the drug (time zero)"
+    if comparator.kind == "other_candidates":
+        entry += ("; comparator: the earliest first exposure to another candidate that passes "
+                  "the arm-level rules")
     if comparator.kind == "non_users":
         rule = ("a treated person's first-exposure date" if comparator.index_rule ==
                 "matched_calendar" else "a randomly chosen visit")
@@ -53,7 +56,7 @@ def attrition_steps(design: CohortDesign) -> list[tuple[str, str, str]]:
         entry += (f" (comparator pool pre-sampled at random to about "
                   f"{comparator.max_ratio * 2:g} per treated person)")
     steps = [("first_exposure", entry, "true")]
-    if comparator.kind == "non_users":
+    if comparator.kind != "active":
         steps.append(("not_exposed", "comparator not exposed to the candidate on or before "
                       "time zero", "not_exposed"))
     steps += arm_steps(design)
@@ -97,6 +100,8 @@ def build_cohorts(source: RecordSource, design: CohortDesign,
     arm_sets = [r[0] for r in con.execute(
         "SELECT DISTINCT set_name FROM cf_arm_set ORDER BY 1").fetchall()]
     build_exposures(source, design, arm_sets)
+    if comparator.kind == "other_candidates":
+        eligible_entries(source, design, "cf_candidate_entry")
     build_comparator_entries(source, comparator)
     con.execute("""
         CREATE OR REPLACE TEMP TABLE cf_cmp_raw AS
@@ -131,7 +136,7 @@ def _comparison_rules(source: RecordSource, design: CohortDesign) -> None:
     anchor = {"time_zero": "index_date", "exposure_end": "episode_end"}
     start_anchor, end_anchor = anchor[design.risk_start_anchor], anchor[design.risk_end_anchor]
     not_exposed = ("f.treated OR NOT coalesce(o.ever_before, false)"
-                   if comparator.kind == "non_users" else "true")
+                   if comparator.kind != "active" else "true")
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE cf_cmp_stage AS
         WITH other_arm AS (

@@ -1,8 +1,11 @@
 """Comparator arms: which drugs define each arm, and the comparator entries of every comparison.
 
 - active: new users of one named drug (its first exposure is time zero).
-- other_candidates: new users of any other candidate; a person's first exposure to any of them
-  is time zero (the drug behind it defines their exposure episode).
+- other_candidates: new users of any other candidate; time zero is the person's earliest first
+  exposure to another candidate that passes the arm-level rules (cf_candidate_entry: a first
+  exposure in childhood would otherwise shut adults out of every comparator arm), and the
+  person must not have used the candidate before it (see cohorts.py); the drug behind it
+  defines their exposure episode.
 - non_users: persons not exposed to the candidate on or before a time zero given by
   `index_rule`: `matched_calendar` draws it from the candidate's new users' first-exposure
   dates (prescription-time distribution matching, so calendar time and the time since
@@ -69,7 +72,8 @@ def uniform_sql(person: str, comparison: str, salt: int) -> str:
 
 def build_comparator_entries(source: RecordSource, comparator: ComparatorDef) -> None:
     """Create cf_comparator_raw (comparison_id, set_name, person_id, index_date, episode_end,
-    treated) with every comparator entry; needs cf_comparison, cf_arm_set and cf_entry."""
+    treated) with every comparator entry; needs cf_comparison, cf_arm_set and cf_entry (and for
+    other_candidates cf_candidate_entry, the arm-eligible entries)."""
     con = source.con
     params = {"seed": comparator.seed}
     probability = presample_probability_sql(comparator)
@@ -87,7 +91,7 @@ def build_comparator_entries(source: RecordSource, comparator: ComparatorDef) ->
             WITH candidate_entry AS (
                 SELECT *, row_number() OVER (PARTITION BY person_id
                                              ORDER BY index_date, set_name) AS rank
-                FROM cf_entry
+                FROM cf_candidate_entry
                 WHERE set_name IN (SELECT treatment FROM cf_comparison)
             ), first_two AS (SELECT * FROM candidate_entry WHERE rank <= 2),
             first_set AS (

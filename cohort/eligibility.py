@@ -156,3 +156,21 @@ def _flag_criteria(source: RecordSource, criteria: tuple[Criterion, ...], out: s
     """)
     con.execute(f"DROP TABLE cf_criterion_hit; DROP TABLE {out}; "
                 f"ALTER TABLE cf_criterion_flagged RENAME TO {out}")
+
+
+def eligible_entries(source: RecordSource, design: CohortDesign, out: str) -> None:
+    """Create temp table `out`: the rows of cf_entry that pass every arm-level rule and have
+    the history washout needs (eligible new users, whatever they are compared with)."""
+    con = source.con
+    con.execute("CREATE OR REPLACE TEMP TABLE cf_entry_all AS "
+                "SELECT 0 AS comparison_id, * FROM cf_entry")
+    flag_entries(source, design, "cf_entry_all", "cf_entry_flagged")
+    rules = [condition for _, _, condition in arm_steps(design) + criteria_steps(design)]
+    rules.append("washout_observed")
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE {out} AS
+        SELECT set_name, person_id, index_date, episode_end FROM cf_entry_flagged
+        WHERE {" AND ".join(f"({rule})" for rule in rules)}
+    """)
+    con.execute("DROP TABLE cf_entry_all; DROP TABLE cf_entry_flagged")
+

@@ -14,7 +14,7 @@ import re
 import pandas as pd
 
 from cohort.design import CohortDesign, ConceptSetDef
-from cohort.eligibility import arm_steps, criteria_steps, flag_entries
+from cohort.eligibility import eligible_entries
 from cohort.exposures import EXPOSURE_COLUMNS, build_exposures
 from cohort.source import RecordSource, SourceError
 
@@ -66,16 +66,10 @@ def screen_candidates(source: RecordSource, design: CohortDesign) -> pd.DataFram
     con.unregister("cf_screen_input")
     names = list(worth["set_name"])
     build_exposures(source, design, names)
-    con.execute("CREATE OR REPLACE TEMP TABLE cf_screen_raw AS "
-                "SELECT 0 AS comparison_id, * FROM cf_entry")
-    flag_entries(source, design, "cf_screen_raw", "cf_screen_flagged")
-    rules = [condition for _, _, condition in arm_steps(design) + criteria_steps(design)]
-    rules.append("washout_observed")
-    counts = dict(con.execute(f"""
-        SELECT set_name, count(*) FROM cf_screen_flagged
-        WHERE {" AND ".join(f"({rule})" for rule in rules)} GROUP BY set_name
-    """).fetchall())
-    con.execute("DROP TABLE cf_screen_raw; DROP TABLE cf_screen_flagged")
+    eligible_entries(source, design, "cf_screen_eligible")
+    counts = dict(con.execute("SELECT set_name, count(*) FROM cf_screen_eligible "
+                              "GROUP BY set_name").fetchall())
+    con.execute("DROP TABLE cf_screen_eligible")
     exposed["eligible_new_users"] = exposed["set_name"].map(counts).fillna(0).astype("int64")
     exposed["selected"] = exposed["eligible_new_users"] >= screen.min_new_users
     con.execute("DELETE FROM cf_concept_set WHERE set_name IN (SELECT unnest($names))",

@@ -41,8 +41,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         study = load_study(file)
         if not args.no_source:
             preflight(study)
-        print(f"{file}: ok (study {study.config.study}, {len(study.config.treatments)} "
-              f"treatment(s), {len(study.config.outcomes)} outcome(s), "
+        treatments = study.config.treatments
+        listed = (f"{len(treatments)} treatment(s)" if isinstance(treatments, list) else
+                  f"a screen of ingredients with {treatments.screen.min_new_users}+ new users")
+        print(f"{file}: ok (study {study.config.study}, {listed}, "
+              f"{len(study.config.outcomes)} outcome(s), "
               f"{len(study.config.negative_controls)} negative control(s))")
     return 0
 
@@ -325,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a table or view for sharing, small counts "
                                            "masked (.parquet, .csv or .json)")
     export.add_argument("what", choices=("estimates", "diagnostics", "attrition", "rankings",
-                                         "triangulation", "meta_analysis"))
+                                         "triangulation", "meta_analysis", "screen"))
     export.add_argument("--out", required=True)
     export.add_argument("--study")
     export.add_argument("--results", type=Path, default=Path(DEFAULT_RESULTS))

@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import reprlib
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,11 +27,17 @@ from pydantic import (
     model_validator,
 )
 
+from cohort.atlas import read_atlas_concept_set
 from cohort.design import (
     COVARIATE_DOMAINS,
+    DEATH,
     CohortDesign,
+    ComparatorDef,
+    ConceptItem,
     ConceptSetDef,
+    Criterion,
     OutcomeDef,
+    ScreenDef,
 )
 
 IDENTIFIER = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
@@ -70,72 +77,180 @@ def _no_control_characters(value: str) -> str:
     return value
 
 
+class SourceCode(_Strict):
+    """A source vocabulary code (ICD10CM K92.2), or a code family with a trailing * (G30*)."""
+
+    vocabulary: Annotated[str, Field(min_length=1, max_length=40)]
+    code: Annotated[str, Field(min_length=1, max_length=60)]
+    exclude: bool = False
+    descendants: bool = True
+
+    @field_validator("vocabulary", "code")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if not value.isprintable() or value != value.strip():
+            raise ValueError(f"expected a code without spaces around it or control characters, "
+                             f"got {value!r}")
+        if "*" in value[:-1]:
+            raise ValueError(f"'*' may only end a code (a code family), got {value!r}")
+        return value
+
+
 class ConceptSet(_Strict):
-    """OMOP concept ids; descendants (via concept_ancestor) are included unless switched off."""
+    """OMOP concept ids; descendants (via concept_ancestor) are included unless switched off.
+
+    Also source codes mapped to standard concepts ("Maps to") and ATLAS concept-set JSON files.
+    """
 
     include: list[ConceptId] = Field(default_factory=list)
     exclude: list[ConceptId] = Field(default_factory=list)
     descendants: bool = True
-    codes: list[Any] | None = None
-    atlas: str | None = None
+    codes: list[SourceCode] = Field(default_factory=list)
+    atlas: Annotated[str, Field(min_length=1), AfterValidator(_no_control_characters)] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ConceptSet:
-        if self.codes is not None:
-            raise not_supported("'codes' (source vocabulary codes)")
-        if self.atlas is not None:
-            raise not_supported("'atlas' (ATLAS concept-set JSON)")
-        if not self.include:
-            raise ValueError("'include' needs at least one concept id")
+        if not self.include and not any(not c.exclude for c in self.codes) and not self.atlas:
+            raise ValueError("expected at least one concept id under 'include', a code under "
+                             "'codes' or an 'atlas' file")
         return self
+
+
+GENDERS = {"male": 8507, "female": 8532}
+
+
+class CriterionSpec(_Strict):
+    """A concept set recorded (or not) in a window of days around time zero."""
+
+    concept_set: str
+    window: tuple[int, int] = (-365, 0)
+    min_count: int = Field(1, ge=1, le=1000)
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: tuple[int, int]) -> tuple[int, int]:
+        start, end = value
+        if start > end:
+            raise ValueError(f"window [{start}, {end}] starts after it ends")
+        if start < -36_500 or end > 36_500:
+            raise ValueError(f"window [{start}, {end}] reaches more than 100 years")
+        return value
+
+
+class NonUsers(_Strict):
+    """How non-users get a time zero (see cohort/comparators.py for the trade-offs)."""
+
+    index: Literal["matched_calendar", "random_visit"] = "matched_calendar"
 
 
 class Comparator(_Strict):
+    """{active: NAME} | {other_candidates: true} | {non_users: {index: ...}}, optionally with
+    max_ratio (comparator persons per treated person, sampled at random) and seed."""
+
     active: str | None = None
-    non_users: dict[str, Any] | None = None
+    non_users: NonUsers | None = None
     other_candidates: bool | None = None
+    max_ratio: float | None = Field(None, gt=0, le=1000)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
 
     @model_validator(mode="after")
     def _check(self) -> Comparator:
-        if self.non_users is not None:
-            raise not_supported("comparator 'non_users'")
-        if self.other_candidates is not None:
-            raise not_supported("comparator 'other_candidates'")
-        if self.active is None:
-            raise ValueError("expected {active: CONCEPT_SET_NAME}")
+        given = [k for k in ("active", "non_users", "other_candidates")
+                 if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("expected exactly one of {active: NAME}, {other_candidates: true} "
+                             "or {non_users: {index: matched_calendar | random_visit}}")
         return self
+
+    @property
+    def kind(self) -> str:
+        if self.active is not None:
+            return "active"
+        return "other_candidates" if self.other_candidates else "non_users"
+
+
+class Screen(_Strict):
+    """Every drug ingredient with at least min_new_users eligible new users."""
+
+    level: Literal["ingredient"] = "ingredient"
+    min_new_users: int = Field(500, ge=1, le=10_000_000)
+    exclude: list[str | ConceptId] = Field(default_factory=list)
 
 
 class Population(_Strict):
     prior_observation_days: int = Field(365, ge=0, le=36_500)
     washout_days: int = Field(365, ge=0, le=36_500)
     min_age: int | None = Field(None, ge=0, le=150)
-    require: list[Any] = Field(default_factory=list)
-    exclude: list[Any] = Field(default_factory=list)
+    max_age: int | None = Field(None, ge=0, le=150)
+    sex: list[Literal["male", "female"] | ConceptId] = Field(default_factory=list)
+    study_start: date | None = None
+    study_end: date | None = None
+    common_period: bool = False
+    require: list[CriterionSpec] = Field(default_factory=list)
+    exclude: list[CriterionSpec] = Field(default_factory=list)
+    indication: CriterionSpec | None = None
+    both_arms: Literal["remove", "first"] | None = None
 
-    @field_validator("require", "exclude")
-    @classmethod
-    def _criteria(cls, value: list[Any]) -> list[Any]:
-        if value:
-            raise not_supported("inclusion/exclusion criteria")
-        return value
+    @model_validator(mode="after")
+    def _check(self) -> Population:
+        if self.min_age is not None and self.max_age is not None and self.max_age < self.min_age:
+            raise ValueError(f"max_age ({self.max_age}) is below min_age ({self.min_age})")
+        if self.study_start and self.study_end and self.study_end < self.study_start:
+            raise ValueError(f"study_end ({self.study_end}) is before study_start "
+                             f"({self.study_start})")
+        return self
 
 
 class FollowUp(_Strict):
-    start_day: int = Field(0, ge=0, le=36_500)  # follow-up never starts before time zero
+    """The risk window: start and end days relative to an anchor, censoring, minimum time."""
+
+    start_day: int = Field(0, ge=-36_500, le=36_500)
+    start_anchor: Literal["time_zero", "exposure_end"] = "time_zero"
     end_day: int | None = Field(None, ge=-36_500, le=36_500)
+    end_anchor: Literal["time_zero", "exposure_end"] | None = None
     strategy: Literal["intention_to_treat", "on_treatment"] = "intention_to_treat"
+    gap_days: int | None = Field(None, ge=0, le=3650)
+    censor_at_death: bool = True
+    censor_at_switch: bool = False
+    max_days: int | None = Field(None, ge=1, le=36_500)
+    min_days_at_risk: int = Field(1, ge=1, le=36_500)
     exclude_prior_outcome: bool = True
+    prior_outcome_lookback_days: int | None = Field(None, ge=1, le=36_500)
 
     @model_validator(mode="after")
     def _check(self) -> FollowUp:
-        if self.strategy == "on_treatment":
-            raise not_supported("follow_up strategy 'on_treatment'")
-        if self.end_day is not None and self.end_day < self.start_day:
+        if self.strategy == "on_treatment" and self.end_anchor == "time_zero":
+            raise ValueError("strategy on_treatment ends follow-up at the end of exposure; "
+                             "use end_anchor exposure_end (or intention_to_treat with end_day)")
+        if self.start_anchor == "time_zero" and self.start_day < 0:
+            raise ValueError(f"start_day ({self.start_day}) is before time zero; follow-up "
+                             "never starts before time zero")
+        if (self.end_day is not None and self.start_anchor == self.anchor_end
+                and self.end_day < self.start_day):
             raise ValueError(
                 f"end_day ({self.end_day}) is before start_day ({self.start_day})"
             )
         return self
+
+    @property
+    def anchor_end(self) -> str:
+        if self.end_anchor is not None:
+            return self.end_anchor
+        return "exposure_end" if self.strategy == "on_treatment" else "time_zero"
+
+    @property
+    def end_day_resolved(self) -> int | None:
+        """None: end of observation; on-treatment without end_day ends with exposure (day 0)."""
+        if self.end_day is None and self.anchor_end == "exposure_end":
+            return 0
+        return self.end_day
+
+    @property
+    def gap_days_resolved(self) -> int:
+        """Records this close form one exposure episode (30 days when on treatment)."""
+        if self.gap_days is not None:
+            return self.gap_days
+        return 30 if "exposure_end" in (self.anchor_end, self.start_anchor) else 0
 
 
 class Covariates(_Strict):
@@ -171,8 +286,6 @@ class Covariates(_Strict):
     def _domains(cls, value: list[str]) -> list[str]:
         for domain in value:
             if domain not in COVARIATE_DOMAINS:
-                if domain in ("observation", "visit", "charlson"):
-                    raise not_supported(f"covariate domain '{domain}'")
                 raise ValueError(
                     f"unknown covariate domain {domain!r} (expected one of "
                     f"{', '.join(COVARIATE_DOMAINS)})"
@@ -214,6 +327,10 @@ class Execution(_Strict):
         return self
 
 
+class TreatmentScreen(_Strict):
+    screen: Screen
+
+
 class StudyConfig(_Strict):
     """A validated study file."""
 
@@ -222,7 +339,7 @@ class StudyConfig(_Strict):
     source: Annotated[str, Field(min_length=1), AfterValidator(_no_control_characters)]
     concept_sets: dict[str, ConceptSet]
     exposure_table: Literal["drug_era", "drug_exposure"] = "drug_era"
-    treatments: list[str] | dict[str, Any]
+    treatments: list[str] | TreatmentScreen
     comparator: Comparator
     time_zero: Literal["first_exposure"] = "first_exposure"
     population: Population = Field(default_factory=Population)
@@ -260,17 +377,16 @@ class StudyConfig(_Strict):
             raise ValueError("at least one concept set is needed")
         return value
 
-    @field_validator("treatments")
+    @field_validator("treatments", mode="before")
     @classmethod
-    def _treatments(cls, value: list[str] | dict[str, Any]) -> list[str]:
-        if isinstance(value, dict):
-            if "screen" in value:
-                raise not_supported("treatments 'screen'")
-            raise ValueError("expected a list of concept-set names")
-        if not value:
-            raise ValueError("at least one treatment is needed")
-        if len(set(value)) != len(value):
-            raise ValueError("a treatment is listed twice")
+    def _treatments(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "screen" not in value:
+            raise ValueError("expected a list of concept-set names or {screen: {...}}")
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("at least one treatment is needed")
+            if len(set(map(str, value))) != len(value):
+                raise ValueError("a treatment is listed twice")
         return value
 
     @field_validator("outcomes")
@@ -336,25 +452,47 @@ class StudyConfig(_Strict):
             validate_cron_string(value)
         return value
 
+    @property
+    def treatment_names(self) -> list[str]:
+        return self.treatments if isinstance(self.treatments, list) else []
+
     @model_validator(mode="after")
     def _references(self) -> StudyConfig:
         known = self.concept_sets
-        for field, names in (
-            ("treatments", self.treatments),
-            ("comparator.active", [self.comparator.active]),
-            ("outcomes", self.outcomes),
+        screen = None if isinstance(self.treatments, list) else self.treatments.screen
+        checks = [
+            ("treatments", self.treatment_names),
+            ("comparator.active", [self.comparator.active] if self.comparator.active else []),
+            ("outcomes", [o for o in self.outcomes if o != DEATH or o in known]),
             ("negative_controls", [n for n in self.negative_controls if isinstance(n, str)]),
-        ):
+            ("treatments.screen.exclude",
+             [n for n in (screen.exclude if screen else []) if isinstance(n, str)]),
+        ]
+        population = self.population
+        criteria = [("population.require", c) for c in population.require] + [
+            ("population.exclude", c) for c in population.exclude] + (
+            [("population.indication", population.indication)] if population.indication else [])
+        checks += [(f"{field}.concept_set", [c.concept_set]) for field, c in criteria]
+        for field, names in checks:
             for name in names:
                 if name not in known:
                     raise ValueError(
                         f"{field}: unknown concept set {name!r} (defined: "
                         f"{', '.join(sorted(known))})"
                     )
-        if self.comparator.active in self.treatments:
+        if self.comparator.active in self.treatment_names:
             raise ValueError(
                 f"comparator.active: {self.comparator.active!r} is also a treatment"
             )
+        if (self.comparator.kind == "other_candidates" and screen is None
+                and len(self.treatment_names) < 2):
+            raise ValueError("comparator.other_candidates: needs at least two treatments (or a "
+                             "screen)")
+        follow_up = self.follow_up
+        if self.comparator.kind == "non_users" and "exposure_end" in (
+                follow_up.anchor_end, follow_up.start_anchor):
+            raise ValueError("follow_up.strategy: non-users have no exposure to end; use "
+                             "intention_to_treat with non_users comparators")
         if self.positive_controls is not None and not self.negative_controls:
             raise ValueError(
                 "positive_controls: synthetic positive controls are built from negative "
@@ -372,12 +510,16 @@ class StudyConfig(_Strict):
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
-    def design(self, base_dir: Path) -> CohortDesign:
-        """The cohort layer's view of this study; relative paths resolve against base_dir."""
-        sets = {
-            name: ConceptSetDef(name, tuple(cs.include), tuple(cs.exclude), cs.descendants)
-            for name, cs in self.concept_sets.items()
-        }
+    def design(self, atlas: dict[str, tuple[ConceptItem, ...]] | None = None) -> CohortDesign:
+        """The cohort layer's view of this study; `atlas` holds the items read from ATLAS files."""
+        atlas = atlas or {}
+        sets = {}
+        for name, cs in self.concept_sets.items():
+            codes = tuple(ConceptItem(vocabulary=c.vocabulary, code=c.code, excluded=c.exclude,
+                                      descendants=c.descendants) for c in cs.codes)
+            sets[name] = ConceptSetDef(name, tuple(cs.include), tuple(cs.exclude),
+                                       cs.descendants, codes + atlas.get(name, ()),
+                                       cs.atlas or "")
         outcomes = [OutcomeDef(name, "outcome") for name in self.outcomes]
         for control in self.negative_controls:
             if isinstance(control, int):
@@ -386,20 +528,54 @@ class StudyConfig(_Strict):
             else:
                 name = control
             outcomes.append(OutcomeDef(name, "negative_control"))
+        comparator, population, follow_up = self.comparator, self.population, self.follow_up
+        screen = None if isinstance(self.treatments, list) else self.treatments.screen
+        kind = comparator.kind
+        max_ratio = comparator.max_ratio
+        if max_ratio is None and kind == "non_users":
+            max_ratio = 10.0  # the whole database is the pool otherwise
+        criteria = tuple(
+            Criterion(kind, c.concept_set, tuple(c.window), c.min_count)
+            for kind, listed in (("require", population.require),
+                                 ("exclude", population.exclude),
+                                 ("indication", [population.indication]
+                                  if population.indication else []))
+            for c in listed)
+        both_arms = population.both_arms or ("remove" if kind == "active" else "first")
         return CohortDesign(
             concept_sets=sets,
             exposure_table=self.exposure_table,
-            comparisons=tuple((t, self.comparator.active) for t in self.treatments),
-            prior_observation_days=self.population.prior_observation_days,
-            washout_days=self.population.washout_days,
-            min_age=self.population.min_age,
+            comparisons=tuple((t, comparator.active or kind) for t in self.treatment_names),
+            prior_observation_days=population.prior_observation_days,
+            washout_days=population.washout_days,
+            min_age=population.min_age,
             outcomes=tuple(dict.fromkeys(outcomes)),
-            risk_start_day=self.follow_up.start_day,
-            risk_end_day=self.follow_up.end_day,
-            exclude_prior_outcome=self.follow_up.exclude_prior_outcome,
+            risk_start_day=follow_up.start_day,
+            risk_end_day=follow_up.end_day_resolved,
+            exclude_prior_outcome=follow_up.exclude_prior_outcome,
             covariate_windows=tuple(tuple(w) for w in self.covariates.windows),
             covariate_domains=tuple(self.covariates.domains),
             min_prevalence=self.covariates.min_prevalence,
+            screen=(ScreenDef(screen.level, screen.min_new_users, tuple(screen.exclude))
+                    if screen else None),
+            comparator=ComparatorDef(kind, comparator.active,
+                                     comparator.non_users.index if comparator.non_users
+                                     else "matched_calendar", max_ratio, comparator.seed),
+            max_age=population.max_age,
+            sexes=tuple(GENDERS.get(s, s) for s in population.sex),
+            study_start=population.study_start,
+            study_end=population.study_end,
+            common_period=population.common_period,
+            criteria=criteria,
+            both_arms=both_arms,
+            risk_start_anchor=follow_up.start_anchor,
+            risk_end_anchor=follow_up.anchor_end,
+            gap_days=follow_up.gap_days_resolved,
+            censor_at_death=follow_up.censor_at_death,
+            censor_at_switch=follow_up.censor_at_switch,
+            max_follow_up_days=follow_up.max_days,
+            min_days_at_risk=follow_up.min_days_at_risk,
+            prior_outcome_lookback_days=follow_up.prior_outcome_lookback_days,
         )
 
 
@@ -411,13 +587,19 @@ class LoadedStudy(BaseModel):
     path: Path
     config: StudyConfig
     source_path: Path
+    atlas: dict[str, tuple[ConceptItem, ...]] = Field(default_factory=dict)
 
     @property
     def sha256(self) -> str:
-        return self.config.sha256()
+        """The validated content plus the concept sets read from ATLAS files."""
+        if not self.atlas:
+            return self.config.sha256()
+        items = {name: [repr(item) for item in items] for name, items in self.atlas.items()}
+        canonical = json.dumps([self.config.sha256(), items], sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
     def design(self) -> CohortDesign:
-        return self.config.design(self.path.parent)
+        return self.config.design(self.atlas)
 
 
 def load_study(path: str | Path) -> LoadedStudy:
@@ -453,7 +635,18 @@ def load_study(path: str | Path) -> LoadedStudy:
         raise StudyFileError(f"{path}:{line}: source: cannot expand the path ({exc})") from None
     if not source.is_absolute():
         source = (path.parent / source).resolve()
-    return LoadedStudy(path=path, config=config, source_path=source)
+    atlas = {}
+    for name, concept_set in config.concept_sets.items():
+        if concept_set.atlas is None:
+            continue
+        file = Path(concept_set.atlas).expanduser()
+        file = file if file.is_absolute() else path.parent / file
+        try:
+            atlas[name] = read_atlas_concept_set(file)
+        except ValueError as exc:
+            line = _line_of(root, ["concept_sets", name, "atlas"])
+            raise StudyFileError(f"{path}:{line}: concept_sets.{name}.atlas: {exc}") from None
+    return LoadedStudy(path=path, config=config, source_path=source, atlas=atlas)
 
 
 def _check_duplicate_keys(path: Path, root: yaml.Node | None) -> None:
@@ -492,8 +685,9 @@ def _short_repr(value: Any) -> str:
 
 def _describe(path: Path, root: yaml.Node | None, exc: ValidationError) -> str:
     """One line for the first validation error: file:line: field: what was expected."""
-    error = exc.errors()[0]
-    loc = [p for p in error["loc"] if not (isinstance(p, str) and "[" in p)]
+    error = max(exc.errors(), key=lambda e: len(e["loc"]))  # the most specific one
+    branches = {model.__name__ for model in _Strict.__subclasses__()}  # union branches
+    loc = [p for p in error["loc"] if not (isinstance(p, str) and ("[" in p or p in branches))]
     kind, message = error["type"], error["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]

@@ -79,6 +79,9 @@ def run_identity(study: LoadedStudy, fingerprint: dict) -> str:
     content = study.config.model_dump(mode="json")
     for key in OPERATIONAL_KEYS:
         content.pop(key, None)
+    if study.atlas:  # the concept sets read from ATLAS files are part of what is computed
+        content["atlas_items"] = {name: [repr(item) for item in items]
+                                  for name, items in study.atlas.items()}
     canonical = json.dumps({"study": content, "source": fingerprint["sha256"]}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -398,6 +401,8 @@ def finalize(
         comparisons[["treatment", "comparator"]], on="comparison_id"
     )
     tables["attrition"] = attrition
+    if prepared.screen is not None:  # the treatment screen's expansion, with its counts
+        tables["screen"] = prepared.screen
     timings = {**timings, "prepare_stages": prepared_info["seconds"],
                "comparisons": {str(a["comparison_id"]): a["seconds"] for a in analyses},
                "reused": sorted(a["comparison_id"] for a in analyses if a.get("reused")),

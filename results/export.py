@@ -20,9 +20,11 @@ EXPORTS = {
     "rankings": "SELECT * FROM rankings",
     "triangulation": "SELECT * FROM triangulation",
     "meta_analysis": "SELECT * FROM meta_analysis",
+    "screen": "SELECT * FROM screen",
 }
 PERSON_COUNTS = ("n_treated", "n_comparator", "events_treated", "events_comparator",
-                 "treated_persons", "comparator_persons", "persons")
+                 "treated_persons", "comparator_persons", "persons", "exposed_persons",
+                 "eligible_new_users")
 FORMATS = (".parquet", ".csv", ".json")
 
 

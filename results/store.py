@@ -54,6 +54,9 @@ TABLES: dict[str, str] = {
     "km_curves": """
         run_id VARCHAR, comparison_id INTEGER, outcome VARCHAR, adjustment VARCHAR,
         arm VARCHAR, day DOUBLE, survival DOUBLE""",
+    "screen": """
+        run_id VARCHAR, ingredient_concept_id BIGINT, ingredient VARCHAR, set_name VARCHAR,
+        exposed_persons BIGINT, eligible_new_users BIGINT, selected BOOLEAN""",
     "estimates": """
         run_id VARCHAR, comparison_id INTEGER, treatment VARCHAR, comparator VARCHAR,
         outcome VARCHAR, role VARCHAR, estimator VARCHAR, measure VARCHAR, estimand VARCHAR,

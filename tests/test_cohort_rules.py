@@ -238,10 +238,10 @@ def test_other_candidates(tmp_path):
     """Candidates t, c, x compared each with new users of the other two.
 
     1 T only; 2 C then X 16 months later; 3 T then X 27 months later; 4 X only. In t vs
-    others: treated 1, 3;
-    comparators 2 (time zero at C) and 4 (X); 3 is a new user of X too, so (both_arms first)
-    stays treated and is censored the day before X. In x vs others 3 is a comparator (T first)
-    censored the day before X.
+    others: treated 1, 3; comparators 2 (time zero at C) and 4 (X); 3's X entry comes after T,
+    so it is no comparator entry (comparators must not have used the candidate) and 3 stays
+    treated, followed to the end of observation. In x vs others 3 is a comparator (T first) and
+    a new user of X: kept in the first arm (both_arms first), censored the day before X.
     """
     eras = [era(1, T, "2012-01-01", "2012-01-31"), era(2, C, "2012-02-01"),
             era(2, X, "2013-06-01"), era(3, T, "2012-03-01", "2012-03-31"),
@@ -255,7 +255,7 @@ def test_other_candidates(tmp_path):
     assert {p: v[:2] for p, v in t_vs_others.items()} == {
         1: (True, d("2012-01-01")), 2: (False, d("2012-02-01")), 3: (True, d("2012-03-01")),
         4: (False, d("2012-01-01"))}
-    assert t_vs_others[3][2] == d("2014-05-31")
+    assert t_vs_others[3][2] == d("2015-12-31")  # X after T: not a comparator entry, ITT
     x_vs_others = members(cohort, 3)
     assert x_vs_others[3][:3] == (False, d("2012-03-01"), d("2014-05-31"))
     assert x_vs_others[4][:2] == (True, d("2012-01-01"))

@@ -65,8 +65,15 @@ REFUSED = {
     "estimators": (lambda s, x: s.update(estimators=["crude", x]),
                    r"estimators: unknown estimator"),
     "concept_sets.atlas": (lambda s, x: s["concept_sets"]["o"].update(atlas=x),
-                           r"concept_sets\.o: 'atlas' \(ATLAS concept-set JSON\) is not "
-                           r"supported yet"),
+                           r"concept_sets\.o\.atlas: (contains a control character|"
+                           r".*(cannot read the ATLAS concept-set file|not valid JSON|"
+                           r"expected an ATLAS))"),
+    "treatments.screen.exclude": (
+        lambda s, x: s.update(treatments={"screen": {"exclude": [x]}}),
+        r"treatments\.screen\.exclude: unknown concept set"),
+    "population.require": (
+        lambda s, x: s.update(population={"require": [{"concept_set": x}]}),
+        r"population\.require\.concept_set: unknown concept set"),
     "execution.runner": (lambda s, x: s.update(execution={"runner": x}),
                          r"execution\.runner: Input should be 'threads', 'processes' or 'dask'"),
     "execution.dask_address": (
