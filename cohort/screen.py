@@ -23,7 +23,8 @@ def screen_candidates(source: RecordSource, design: CohortDesign) -> pd.DataFram
     """Expand design.screen; add the candidates' concept sets to cf_concept_set.
 
     Returns one row per ingredient with at least one exposed person after exclusions:
-    ingredient_concept_id, ingredient, set_name, exposed_persons, eligible_new_users, selected.
+    ingredient_concept_id, ingredient, set_name, exposed_persons, eligible_new_users (NULL when
+    fewer persons were exposed at all than the minimum), selected.
     """
     screen = design.screen
     assert screen is not None
@@ -70,8 +71,12 @@ def screen_candidates(source: RecordSource, design: CohortDesign) -> pd.DataFram
     counts = dict(con.execute("SELECT set_name, count(*) FROM cf_screen_eligible "
                               "GROUP BY set_name").fetchall())
     con.execute("DROP TABLE cf_screen_eligible")
-    exposed["eligible_new_users"] = exposed["set_name"].map(counts).fillna(0).astype("int64")
-    exposed["selected"] = exposed["eligible_new_users"] >= screen.min_new_users
+    # ingredients with fewer exposed persons than the minimum are not counted further (NULL)
+    counted = exposed["set_name"].isin(names)
+    exposed["eligible_new_users"] = (exposed["set_name"].map(counts).fillna(0)
+                                     .where(counted).astype("Int64"))
+    exposed["selected"] = (exposed["eligible_new_users"] >= screen.min_new_users).fillna(False)
+    exposed["selected"] = exposed["selected"].astype(bool)
     con.execute("DELETE FROM cf_concept_set WHERE set_name IN (SELECT unnest($names))",
                 {"names": [n for n in names if n not in set(
                     exposed.loc[exposed["selected"], "set_name"])]})
