@@ -315,6 +315,12 @@ class Execution(_Strict):
     runner: Literal["threads", "processes", "dask"] = "threads"
     workers: int = Field(2, ge=1, le=1024)
     dask_address: str | None = None
+    # DuckDB while building cohorts: memory limit ("6GB"), threads, spill directory
+    memory_limit: Annotated[str, Field(pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+                            ] | None = None
+    threads: int | None = Field(None, ge=1, le=1024)
+    temp_directory: Annotated[str, Field(min_length=1), AfterValidator(_no_control_characters)
+                              ] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Execution:

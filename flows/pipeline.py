@@ -34,7 +34,7 @@ import pandas as pd
 from cohort.comparison_data import load_comparison
 from cohort.concepts import resolve_concept_sets
 from cohort.prepare import PreparedStudy, prepare_study, source_requirements
-from cohort.source import SourceError, open_source
+from cohort.source import RecordSource, SourceError, open_source
 from estimators.comparison import OutcomeInput, analyze_comparison
 from estimators.errors import EstimationError
 from estimators.positive_controls import injected_outcomes
@@ -65,9 +65,21 @@ class RunPaths:
     fingerprint: dict = field(default_factory=dict, compare=False)
 
 
+def open_study_source(study: LoadedStudy) -> RecordSource:
+    """The study's CDM, with the DuckDB settings of its `execution` key (paths relative to it)."""
+    execution = study.config.execution
+    if execution is None:
+        return open_source(study.source_path)
+    temp = execution.temp_directory
+    if temp is not None and not Path(temp).expanduser().is_absolute():
+        temp = str(study.path.parent / temp)
+    return open_source(study.source_path, memory_limit=execution.memory_limit,
+                       threads=execution.threads, temp_directory=temp)
+
+
 def source_fingerprint(study: LoadedStudy) -> dict:
     """The source's fingerprint (tables, row counts, file sizes and mtimes)."""
-    source = open_source(study.source_path)
+    source = open_study_source(study)
     try:
         return source.fingerprint()
     finally:
@@ -186,7 +198,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def preflight(study: LoadedStudy) -> None:
     """Check the source can serve the study (tables, columns, concept ids) before a run."""
-    source = open_source(study.source_path)
+    source = open_study_source(study)
     try:
         design = study.design()
         source.require(source_requirements(source, design))
@@ -205,7 +217,7 @@ def prepare(study_file: str, workspace: str, *, resume: bool = False,
     if resume and marker.is_file():
         return {**json.loads(marker.read_text()), "reused": True}
     study = load_study(study_file)
-    source = open_source(study.source_path)
+    source = open_study_source(study)
     try:
         fingerprint = source.fingerprint()
         if expect_source is not None and fingerprint["sha256"] != expect_source:

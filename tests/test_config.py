@@ -213,3 +213,23 @@ def test_schema_command_prints_the_study_file_schema(capsys):
         schema["required"])
     assert schema["additionalProperties"] is False
     assert "positive_controls" in schema["properties"]
+
+
+def test_duckdb_settings_reach_the_source(tmp_path):
+    from flows.pipeline import open_study_source
+
+    write_cdm(tmp_path / "cdm")
+    study = load_study(write(tmp_path, GOOD + "execution: {memory_limit: 1GB, threads: 1, "
+                                              "temp_directory: spill}\n"))
+    source = open_study_source(study)
+    try:
+        settings = dict(source.con.execute(
+            "SELECT name, value FROM duckdb_settings() WHERE name IN "
+            "('memory_limit', 'threads', 'temp_directory')").fetchall())
+    finally:
+        source.close()
+    assert settings["threads"] == "1"
+    assert settings["memory_limit"] in ("1.0 GB", "953.6 MiB", "1000.0 MB")
+    assert settings["temp_directory"] == str(tmp_path / "spill")
+    with pytest.raises(StudyFileError, match=r"execution\.memory_limit: String should match"):
+        load_study(write(tmp_path, GOOD + "execution: {memory_limit: lots}\n"))
