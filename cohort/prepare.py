@@ -101,7 +101,7 @@ def prepare_study(source: RecordSource, design: CohortDesign, workspace: Path) -
     outcome_steps["step_index"] = int(attrition["step_index"].max()) + 1
     attrition = pd.concat([attrition, outcome_steps], ignore_index=True)
     lap("outcomes")
-    covariate_ref = build_covariates(source, design)
+    covariate_ref = build_covariates(source, design, warnings)
     lap("covariates")
 
     if workspace.exists():

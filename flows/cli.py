@@ -225,6 +225,13 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_covariates(args: argparse.Namespace) -> int:
+    from cohort.covariates import covariate_catalogue
+
+    _print_frame(covariate_catalogue(load_study(args.file).design()), args.format)
+    return 0
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     from results.store import query
 
@@ -345,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print the JSON Schema of the study file (for "
                                            "editor completion)")
     schema.set_defaults(func=cmd_schema)
+
+    covariates = sub.add_parser("covariates", help="the catalogue of covariate analyses a "
+                                                   "study builds: ids, windows, names")
+    covariates.add_argument("file")
+    covariates.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    covariates.add_argument("--verbose", action="store_true")
+    covariates.set_defaults(func=cmd_covariates)
 
     query = sub.add_parser("query", help="read-only SQL over the result store")
     query.add_argument("sql")

@@ -170,6 +170,7 @@ def test_covariates_windows_and_exclusions(prepared, tmp_path):
         "drug in [-365, -1]: drug Y",               # era overlapping both windows
         "drug in [-30, -1]: drug Y",
         "sex = MALE", "age group: 50-54", "index year: 2012",
+        "index month: January",
     ])
     assert not any(cid // 1000 in (T, C) for cid in data.covariate_ids)
 
