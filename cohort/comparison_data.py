@@ -7,12 +7,15 @@ per outcome the survival time (days), the event flag and the prior-outcome flag.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import scipy.sparse as sp
+
+FIRST_VALUE_ANALYSIS = 900  # = cohort.covariates.FIRST_VALUE_ANALYSIS: concept analyses below
 
 
 @dataclass(frozen=True)
@@ -75,18 +78,36 @@ def load_comparison(
 def _covariates(
     con: duckdb.DuckDBPyConnection, workspace: Path, comparison_id: int, n: int
 ) -> tuple[sp.csr_matrix, np.ndarray]:
-    glob = _partition(workspace, "covariate", comparison_id)
-    if glob is None:
+    """The comparison's covariate matrix from the entry-level covariates: its rows' entries,
+    less the concepts of its own arms, less covariates in fewer than max(1, min_prevalence * n)
+    of its rows (the same rules as cohort.covariates' cf_covariate view)."""
+    cohort_glob = _partition(workspace, "cohort", comparison_id)
+    entry_file = workspace / "entry_covariate.parquet"
+    if cohort_glob is None or not entry_file.exists():
         return sp.csr_matrix((n, 0), dtype=np.float64), np.zeros(0, np.int64)
-    pairs = con.read_parquet(glob).select("row_id, covariate_id").fetchnumpy()
-    covariate_ids, columns = np.unique(pairs["covariate_id"], return_inverse=True)
-    rows = pairs["row_id"].astype(np.int64)
+    pairs = con.execute(
+        "SELECT h.row_id, e.covariate_id FROM read_parquet($cohort) h "
+        "JOIN read_parquet($entries) e USING (entry_id)",
+        {"cohort": cohort_glob, "entries": str(entry_file)}).fetchnumpy()
+    excluded = con.execute(
+        "SELECT concept_id FROM read_parquet($file) WHERE comparison_id = $id",
+        {"file": str(workspace / "arm_exclusion.parquet"), "id": comparison_id},
+    ).fetchnumpy()["concept_id"]
+    ids = pairs["covariate_id"].astype(np.int64)
+    keep = (ids % 1000 >= FIRST_VALUE_ANALYSIS) | ~np.isin(ids // 1000, excluded)
+    covariate_ids, columns = np.unique(ids[keep], return_inverse=True)
     X = sp.csr_matrix(
-        (np.ones(rows.shape[0], dtype=np.float64), (rows, columns)),
+        (np.ones(columns.shape[0], dtype=np.float64),
+         (pairs["row_id"][keep].astype(np.int64), columns)),
         shape=(n, covariate_ids.shape[0]),
     )
     X.sum_duplicates()
-    return X, covariate_ids.astype(np.int64)
+    X.data[:] = 1.0
+    meta = json.loads((workspace / "prepared.json").read_text()) if (
+        workspace / "prepared.json").exists() else {}
+    floor = max(1.0, float(meta.get("covariate_min_prevalence", 0.0)) * n)
+    prevalent = np.flatnonzero(np.asarray(X.sum(axis=0)).ravel() >= floor)
+    return X[:, prevalent].tocsr(), covariate_ids[prevalent].astype(np.int64)
 
 
 def _outcomes(

@@ -288,34 +288,39 @@ def build_covariates(
     ctes.append("entry_covariate AS ("
                 + " UNION ALL ".join(f"({part})" for part in entry_parts) + ")")
     # Covariates are found once per cohort entry (person and time zero, shared by the
-    # comparisons that give a person the same time zero), then handed to each comparison's
-    # row, where the arm exclusion applies to concept covariates (analysis < 900).
+    # comparisons that give a person the same time zero) and kept at that level: the workspace
+    # holds them once per entry, and each comparison's rows point at their entry (entry_id).
+    # The arm exclusion and the prevalence floor, which depend on the comparison, apply when a
+    # comparison is loaded (cohort.comparison_data), or in the cf_covariate view.
     con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE cf_covariate_all AS
+        CREATE OR REPLACE TEMP TABLE cf_entry_covariate AS
         WITH {', '.join(ctes)}
-        SELECT k.comparison_id, k.row_id, e.covariate_id::BIGINT AS covariate_id
-        FROM entry_covariate e JOIN cf_cohort_entry k ON k.entry_id = e.entry_id
-        WHERE e.covariate_id % 1000 >= {FIRST_VALUE_ANALYSIS} OR NOT EXISTS (
-            SELECT 1 FROM cf_arm_exclusion x
-            WHERE x.comparison_id = k.comparison_id AND x.concept_id = e.covariate_id // 1000
-        )
+        SELECT entry_id, covariate_id::BIGINT AS covariate_id FROM entry_covariate
         {"UNION ALL " + demographics if demographics else ""}
     """, params or None)
-    con.execute("""
-        CREATE OR REPLACE TEMP TABLE cf_covariate AS
-        WITH size AS (SELECT comparison_id, count(*) AS n FROM cf_cohort GROUP BY comparison_id),
+    _register(con, "cf_covariate_setting", pd.DataFrame(
+        {"min_prevalence": [float(design.min_prevalence)]}), {"min_prevalence": "DOUBLE"})
+    con.execute(f"""
+        CREATE OR REPLACE TEMP VIEW cf_covariate AS
+        WITH expanded AS (
+            SELECT h.comparison_id, h.row_id, e.covariate_id
+            FROM cf_entry_covariate e JOIN cf_cohort h ON h.entry_id = e.entry_id
+            WHERE e.covariate_id % 1000 >= {FIRST_VALUE_ANALYSIS} OR NOT EXISTS (
+                SELECT 1 FROM cf_arm_exclusion x
+                WHERE x.comparison_id = h.comparison_id
+                  AND x.concept_id = e.covariate_id // 1000)
+        ), size AS (SELECT comparison_id, count(*) AS n FROM cf_cohort GROUP BY comparison_id),
         prevalence AS (
             SELECT comparison_id, covariate_id, count(*) AS persons
-            FROM cf_covariate_all GROUP BY comparison_id, covariate_id
+            FROM expanded GROUP BY comparison_id, covariate_id
         )
         SELECT a.comparison_id, a.row_id, a.covariate_id
-        FROM cf_covariate_all a
+        FROM expanded a
         JOIN prevalence p USING (comparison_id, covariate_id)
         JOIN size s USING (comparison_id)
-        WHERE p.persons >= greatest(1, $min_prevalence * s.n)
-    """, {"min_prevalence": design.min_prevalence})
-    for table in ("cf_covariate_all", "cf_covariate_entry", "cf_cohort_entry"):
-        con.execute(f"DROP TABLE {table}")
+        WHERE p.persons >= greatest(1, (SELECT min_prevalence FROM cf_covariate_setting) * s.n)
+    """)
+    con.execute("DROP TABLE cf_covariate_entry")
     reference = _reference(source)
     if warnings is not None:
         warnings.extend(notes)
@@ -323,17 +328,23 @@ def build_covariates(
 
 
 def _entries(con: duckdb.DuckDBPyConnection) -> None:
-    """cf_covariate_entry(entry_id, person_id, index_date): each distinct cohort entry once;
-    cf_cohort_entry(comparison_id, row_id, entry_id): the entry of each comparison's row."""
+    """cf_covariate_entry(entry_id, person_id, index_date, year_of_birth, gender_concept_id):
+    each distinct cohort entry once, numbered by person; cf_cohort gains its rows' entry_id."""
     con.execute("""
         CREATE OR REPLACE TEMP TABLE cf_covariate_entry AS
-        SELECT (row_number() OVER ())::BIGINT AS entry_id, person_id, index_date
-        FROM (SELECT DISTINCT person_id, index_date FROM cf_cohort)
+        SELECT (row_number() OVER (ORDER BY person_id, index_date))::BIGINT AS entry_id,
+               person_id, index_date, year_of_birth, gender_concept_id
+        FROM (SELECT person_id, index_date, any_value(year_of_birth) AS year_of_birth,
+                     any_value(gender_concept_id) AS gender_concept_id
+              FROM cf_cohort GROUP BY person_id, index_date)
     """)
-    con.execute("""
-        CREATE OR REPLACE TEMP TABLE cf_cohort_entry AS
-        SELECT h.comparison_id, h.row_id, e.entry_id
+    columns = [row[0] for row in con.execute("DESCRIBE cf_cohort").fetchall()]
+    kept = "h.* EXCLUDE (entry_id)" if "entry_id" in columns else "h.*"
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE cf_cohort AS
+        SELECT {kept}, e.entry_id
         FROM cf_cohort h JOIN cf_covariate_entry e USING (person_id, index_date)
+        ORDER BY h.comparison_id, h.row_id
     """)
 
 
@@ -534,17 +545,17 @@ CHARLSON_PART = f"""
     SELECT entry_id, category_id::BIGINT * 1000 + {CHARLSON_CATEGORY} FROM charlson_present
 """
 DEMOGRAPHICS_PART = f"""
-    SELECT comparison_id, row_id, gender_concept_id::BIGINT * 1000 + {SEX} AS covariate_id
-    FROM cf_cohort WHERE gender_concept_id IS NOT NULL AND gender_concept_id <> 0
+    SELECT entry_id, gender_concept_id::BIGINT * 1000 + {SEX} AS covariate_id
+    FROM cf_covariate_entry WHERE gender_concept_id IS NOT NULL AND gender_concept_id <> 0
     UNION ALL
-    SELECT comparison_id, row_id,
+    SELECT entry_id,
            greatest(floor((year(index_date) - year_of_birth) / 5), 0)::BIGINT * 1000
            + {AGE_GROUP}
-    FROM cf_cohort WHERE year_of_birth IS NOT NULL
+    FROM cf_covariate_entry WHERE year_of_birth IS NOT NULL
     UNION ALL
-    SELECT comparison_id, row_id, year(index_date)::BIGINT * 1000 + {INDEX_YEAR} FROM cf_cohort
+    SELECT entry_id, year(index_date)::BIGINT * 1000 + {INDEX_YEAR} FROM cf_covariate_entry
     UNION ALL
-    SELECT comparison_id, row_id, month(index_date)::BIGINT * 1000 + {INDEX_MONTH} FROM cf_cohort
+    SELECT entry_id, month(index_date)::BIGINT * 1000 + {INDEX_MONTH} FROM cf_covariate_entry
 """
 
 
@@ -558,7 +569,7 @@ def _reference(source: RecordSource) -> pd.DataFrame:
         columns=["analysis_id", "value", "label"])
     _register(con, "cf_covariate_value_label", labels, {"value": "BIGINT"})
     reference = con.execute(f"""
-        WITH ids AS (SELECT DISTINCT covariate_id FROM cf_covariate),
+        WITH ids AS (SELECT DISTINCT covariate_id FROM cf_entry_covariate),
         parsed AS (
             SELECT covariate_id, covariate_id // 1000 AS value,
                    (covariate_id % 1000)::INTEGER AS analysis_id

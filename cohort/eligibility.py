@@ -79,16 +79,26 @@ def flag_entries(source: RecordSource, design: CohortDesign, raw: str, out: str)
             SELECT person_id, min(year_of_birth) AS year_of_birth,
                    min(gender_concept_id) AS gender_concept_id
             FROM person WHERE person_id IS NOT NULL GROUP BY person_id
-        ), death_row AS ({death}), joined AS (
-            SELECT r.*, min(p.op_start) AS op_start, max(p.op_end) AS op_end,
+        ), death_row AS ({death}), entry_key AS (
+            SELECT DISTINCT person_id, index_date FROM {raw}
+        ), keyed AS (
+            -- once per person and time zero (shared by every comparison and arm entry)
+            SELECT k.person_id, k.index_date,
+                   min(p.op_start) AS op_start, max(p.op_end) AS op_end,
                    any_value(pr.year_of_birth) AS year_of_birth,
                    any_value(pr.gender_concept_id) AS gender_concept_id,
                    bool_or(pr.person_id IS NOT NULL) AS has_person
-            FROM {raw} r
-            LEFT JOIN period p ON p.person_id = r.person_id
-                              AND r.index_date BETWEEN p.op_start AND p.op_end
-            LEFT JOIN person_row pr ON pr.person_id = r.person_id
-            GROUP BY ALL
+            FROM entry_key k
+            LEFT JOIN period p ON p.person_id = k.person_id
+                              AND k.index_date BETWEEN p.op_start AND p.op_end
+            LEFT JOIN person_row pr ON pr.person_id = k.person_id
+            GROUP BY k.person_id, k.index_date
+        ), joined AS (
+            SELECT r.*, k.op_start, k.op_end, k.year_of_birth, k.gender_concept_id,
+                   coalesce(k.has_person, false) AS has_person
+            FROM {raw} r JOIN keyed k
+              ON k.person_id IS NOT DISTINCT FROM r.person_id
+             AND k.index_date IS NOT DISTINCT FROM r.index_date
         )
         SELECT j.*, dr.death_date,
                j.op_start IS NOT NULL AND j.has_person AS in_observation,

@@ -22,8 +22,12 @@ from cohort.outcomes import build_outcomes, outcome_attrition, outcome_requireme
 from cohort.screen import screen_candidates, screen_concept_sets
 from cohort.source import REQUIRED_COLUMNS, RecordSource, SourceError, scalar
 
-PARTITIONED = {"cohort": "cf_cohort", "covariate": "cf_covariate",
-               "outcome_time": "cf_outcome_time"}
+PARTITIONED = {"cohort": "cf_cohort", "outcome_time": "cf_outcome_time"}
+# Covariates once per cohort entry (entry_id, covariate_id), ordered by entry_id, and each
+# comparison's concepts that are never its covariates (comparison_id, concept_id): the
+# comparison-specific exclusion and prevalence floor apply when a comparison is loaded.
+ENTRY_TABLES = {"entry_covariate.parquet": ("cf_entry_covariate", "entry_id, covariate_id"),
+                "arm_exclusion.parquet": ("cf_arm_exclusion", "comparison_id, concept_id")}
 
 
 @dataclass
@@ -112,6 +116,8 @@ def prepare_study(source: RecordSource, design: CohortDesign, workspace: Path) -
         con.table(table).write_parquet(
             str(workspace / folder), partition_by=["comparison_id"], overwrite=True
         )
+    for file, (table, order) in ENTRY_TABLES.items():
+        con.table(table).order(order).write_parquet(str(workspace / file))
     comparisons = con.execute("""
         SELECT c.comparison_id, c.treatment, c.comparator,
                count(h.row_id) FILTER (WHERE h.treated) AS n_treated,
@@ -146,7 +152,8 @@ def prepare_study(source: RecordSource, design: CohortDesign, workspace: Path) -
     covariate_ref.to_parquet(workspace / "covariate_ref.parquet")
     lap("write_workspace")
     (workspace / "prepared.json").write_text(
-        json.dumps({"warnings": warnings, "seconds": seconds}, indent=1)
+        json.dumps({"warnings": warnings, "seconds": seconds,
+                    "covariate_min_prevalence": design.min_prevalence}, indent=1)
     )
     return PreparedStudy(workspace, comparisons, outcomes, attrition, warnings, seconds, screen)
 
