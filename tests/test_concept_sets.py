@@ -35,11 +35,8 @@ from cohort.atlas import read_atlas_concept_set
 from cohort.concepts import concept_set_labels, resolve_concept_sets
 from cohort.design import ConceptItem, ConceptSetDef
 from cohort.source import RecordSource, SourceError, open_source
+from tests.shared_data import GIBLEED, SYNTHEA, needs
 from tests.tiny_cdm import concepts, write_cdm
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-GIBLEED = DATA / "eunomia_gibleed"
-SYNTHEA = DATA / "synthea27nj_cdm54"
 
 DEMENTIA, ALZ, ALZ_EARLY, ALZ_LATE, VASCULAR = 1000, 1001, 1002, 1003, 1004
 GI_BLEED, UPPER_GI_BLEED, MI = 1100, 1101, 1200
@@ -435,8 +432,7 @@ def test_hundreds_of_sets_resolve_set_based(tmp_path):
 # --- real data -------------------------------------------------------------------------------
 
 @pytest.mark.shared_data
-@pytest.mark.skipif(not GIBLEED.is_dir(), reason=f"{GIBLEED} is absent (shared team data "
-                                                 "not here)")
+@needs(GIBLEED)
 def test_gibleed_icd10cm_code_maps_to_snomed():
     source = open_source(GIBLEED)
     try:
@@ -459,8 +455,7 @@ def test_gibleed_icd10cm_code_maps_to_snomed():
 
 
 @pytest.mark.shared_data
-@pytest.mark.skipif(not SYNTHEA.is_dir(), reason=f"{SYNTHEA} is absent (shared team data "
-                                                 "not here)")
+@needs(SYNTHEA)
 def test_synthea_without_concept_ancestor():
     source = open_source(SYNTHEA)
     try:

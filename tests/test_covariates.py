@@ -23,6 +23,7 @@ from cohort.covariates import build_covariates, covariate_catalogue
 from cohort.design import COVARIATE_DOMAINS, CohortDesign, ConceptSetDef, OutcomeDef
 from cohort.prepare import prepare_study
 from cohort.source import open_source
+from tests.shared_data import GIBLEED, SYNTHEA, needs
 from tests.test_cohorts import design as cohort_design
 from tests.test_cohorts import tiny_cdm
 from tests.tiny_cdm import concepts, write_cdm
@@ -439,7 +440,6 @@ def test_prepare_study_with_every_domain(tmp_path):
     assert {"charlson", "demographics", "condition", "drug"} <= set(reference["analysis"])
 
 
-GIBLEED = Path(__file__).parents[1].parent / "shared" / "data" / "eunomia_gibleed"
 
 # Written out again here (not imported) so the check is independent of the module's table.
 FE_CHARLSON = {  # category: (weight, ancestor concept ids), FeatureExtraction CharlsonIndex.sql
@@ -509,7 +509,7 @@ UNION ALL SELECT * FROM charlson_category
 
 
 @pytest.mark.shared_data
-@pytest.mark.skipif(not GIBLEED.is_dir(), reason=f"{GIBLEED} is absent (team data not here)")
+@needs(GIBLEED)
 def test_gibleed_prevalences_match_independent_sql(tmp_path):
     """Celecoxib vs diclofenac new users: persons per covariate for conditions in [-365, -1],
     drug eras in [-30, -1], inpatient visit bands, index month and the Charlson bands and
@@ -549,11 +549,10 @@ def test_gibleed_prevalences_match_independent_sql(tmp_path):
     assert np.sum([n for c, n in expected.items() if c % 1000 == 60]) > 0
 
 
-SYNTHEA = GIBLEED.parent / "synthea27nj_cdm54"
 
 
 @pytest.mark.shared_data
-@pytest.mark.skipif(not SYNTHEA.is_dir(), reason=f"{SYNTHEA} is absent (team data not here)")
+@needs(SYNTHEA)
 def test_synthea_without_hierarchy_says_what_it_cannot_do():
     """CDM v5.4 with empty concept_ancestor and drug_era, 32-bit id columns: every domain
     still runs, drugs stay at product level, and the warnings say so."""

@@ -14,12 +14,10 @@ import numpy as np
 import pytest
 from statsmodels.duration.hazard_regression import PHReg
 
+from tests.shared_data import GIBLEED, needs_gibleed
+
 ROOT = Path(__file__).parents[1]
-GIBLEED = ROOT.parent / "shared" / "data" / "eunomia_gibleed"
-pytestmark = [
-    pytest.mark.shared_data,
-    pytest.mark.skipif(not GIBLEED.is_dir(), reason=f"{GIBLEED} is absent (team data not here)"),
-]
+pytestmark = needs_gibleed
 
 INDEPENDENT = """
 WITH cel AS (SELECT descendant_concept_id AS id FROM '{d}/concept_ancestor.parquet'

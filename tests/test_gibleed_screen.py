@@ -13,13 +13,10 @@ import duckdb
 import pytest
 
 from tests.plain_run import run_study_plain
+from tests.shared_data import GIBLEED, needs_gibleed
 
 ROOT = Path(__file__).parents[1]
-GIBLEED = ROOT.parent / "shared" / "data" / "eunomia_gibleed"
-pytestmark = [
-    pytest.mark.shared_data,
-    pytest.mark.skipif(not GIBLEED.is_dir(), reason=f"{GIBLEED} is absent (team data not here)"),
-]
+pytestmark = needs_gibleed
 
 # Per ingredient: persons whose first exposure (any product rolling up to it) is inside an
 # observation period with 365 days before it, aged 18 or more, with a person row.

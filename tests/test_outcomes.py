@@ -48,11 +48,11 @@ from cohort.design import DEATH, CohortDesign, ConceptSetDef, OutcomeDef
 from cohort.outcomes import outcome_requirements
 from cohort.prepare import prepare_study
 from cohort.source import REQUIRED_COLUMNS, SourceError, open_source
+from tests.shared_data import GIBLEED, needs
 from tests.tiny_cdm import concepts, d, write_cdm
 
 T, C, COND, DRUG_OUT, PROC, PROC2, MEAS, OBS = 101, 102, 201, 401, 501, 502, 601, 701
 ROOT = Path(__file__).parents[1]
-GIBLEED = ROOT.parent / "shared" / "data" / "eunomia_gibleed"
 
 SETS = {
     "t": ConceptSetDef("t", (T,)), "c": ConceptSetDef("c", (C,)),
@@ -269,7 +269,7 @@ GROUP BY r.outcome, c.person_id, c.treated, c.risk_start
 
 
 @pytest.mark.shared_data
-@pytest.mark.skipif(not GIBLEED.is_dir(), reason=f"{GIBLEED} is absent (team data not here)")
+@needs(GIBLEED)
 def test_gibleed_procedure_and_measurement_outcomes(tmp_path):
     sets = {"celecoxib": ConceptSetDef("celecoxib", (1118084,)),
             "diclofenac": ConceptSetDef("diclofenac", (1124300,)),
