@@ -3,14 +3,24 @@
 Arrays in, rows out: estimates and the diagnostic values (balance, equipoise, ESS, MDRR) that
 the evidence layer judges against the study's gates. A failure of one outcome or estimator
 becomes a row with status "failed" and the reason; the rest of the comparison still runs.
-Balance is measured on the whole comparison cohort (the population the PS model was fitted on).
+Balance is measured on the whole comparison cohort (the population the PS model was fitted on),
+weighted by each adjustment; for `ps_match` on the matched sample.
+
+Estimators (all Cox hazard ratios): `crude`; `iptw` (stabilised ATE weights truncated at 10,
+robust SE); `overlap` (overlap/ATO weights, robust SE); `ps_strata` (Cox stratified on PS
+quintiles); `ps_match` (CohortMethod's matchOnPs defaults: greedy 1:1 matching without
+replacement on the logit PS, caliper 0.2 SD of the logit PS; then Cox stratified on matched
+sets, model-based SE). Matching is done once per comparison, like the PS fit; persons left
+unmatched are not in that estimator's rows or counts, and when an outcome's prior-outcome
+exclusion removes one arm of a matched set, the rest of that set is dropped from that outcome's
+estimate too (it could not contribute to the stratified likelihood).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -18,7 +28,16 @@ import scipy.sparse as sp
 from estimators.balance import covariate_balance, max_abs_smd
 from estimators.effect import EffectEstimate
 from estimators.errors import EstimationError
-from estimators.hazard import crude_hr, iptw_hr, stratified_hr, truncated_iptw_weights
+from estimators.hazard import (
+    crude_hr,
+    iptw_hr,
+    matched_hr,
+    overlap_hr,
+    overlap_weights,
+    stratified_hr,
+    truncated_iptw_weights,
+)
+from estimators.matching import match_on_ps
 from estimators.power import mdrr
 from estimators.propensity import (
     effective_sample_size,
@@ -31,7 +50,16 @@ from estimators.propensity import (
 from estimators.survival import weighted_km
 
 ESTIMATORS = ("crude", "iptw", "ps_strata")
+"""The default set of estimators."""
+KNOWN_ESTIMATORS = ("crude", "iptw", "overlap", "ps_strata", "ps_match")
+"""Every estimator analyze_comparison can run."""
 N_STRATA = 5
+MATCH_MAX_RATIO = 1
+MATCH_CALIPER = 0.2
+MATCH_CALIPER_SCALE = "logit_sd"
+"""CohortMethod's createMatchOnPsArgs defaults: maxRatio = 1, caliper = 0.2, caliperScale =
+"standardized logit" (Austin 2011), allowReverseMatch = FALSE (only treated persons are matched
+to comparators, greedily and without replacement)."""
 HISTOGRAM_BINS = 50
 CURVE_POINTS = 100
 
@@ -61,8 +89,12 @@ class ComparisonResult:
 
 @dataclass(frozen=True)
 class _Adjustment:
+    """One estimator's adjustment of the comparison, shared by every outcome."""
+
     weights: np.ndarray | None = None
+    """Outcome-model weights (iptw, overlap)."""
     strata: np.ndarray | None = None
+    """PS stratum (ps_strata) or matched set (ps_match, -1 = unmatched) of each person."""
     max_smd: float = math.nan
     ess: tuple[float, float] = (math.nan, math.nan)
 
@@ -76,7 +108,15 @@ def analyze_comparison(
     exclude_prior_outcome: bool = True,
     seed: int = 0,
 ) -> ComparisonResult:
-    """Fit the propensity model once, then every estimator on every outcome."""
+    """Fit the propensity model once, then every estimator on every outcome.
+
+    Raises ValueError for an estimator name not in KNOWN_ESTIMATORS (a caller's mistake, not a
+    property of the data); everything the data cannot support becomes a failed row instead.
+    """
+    unknown = [name for name in estimators if name not in KNOWN_ESTIMATORS]
+    if unknown:
+        raise ValueError(f"unknown estimator(s) {unknown} (expected some of "
+                         f"{', '.join(KNOWN_ESTIMATORS)})")
     treated = np.asarray(treated).astype(np.int8)
     result = ComparisonResult()
     adjustments: dict[str, _Adjustment | EstimationError] = {}
@@ -102,17 +142,15 @@ def analyze_comparison(
         if ps_error is not None:
             adjustments[name] = ps_error
             continue
-        if name == "iptw":
-            weights, strata = truncated_iptw_weights(ps_fit.ps, treated), None
-        else:
-            strata = ps_strata(ps_fit.ps, N_STRATA)
-            weights = stratification_weights(strata, treated)
-        after = covariate_balance(X, treated, weights) if before is not None else None
-        adjustments[name] = _Adjustment(
-            weights=weights if name == "iptw" else None, strata=strata,
-            max_smd=max_abs_smd(after) if after is not None else math.nan,
-            ess=_arm_ess(weights, treated),
-        )
+        try:
+            adjustment, balance_weights = _adjust(name, ps_fit.ps, treated, seed)
+            after = (covariate_balance(X, treated, balance_weights) if before is not None
+                     else None)
+        except EstimationError as exc:
+            adjustments[name] = exc
+            continue
+        adjustments[name] = replace(
+            adjustment, max_smd=max_abs_smd(after) if after is not None else math.nan)
         if after is not None:
             result.balance[name] = {
                 "mean_treated_before": before.mean_treated,
@@ -139,6 +177,50 @@ def analyze_comparison(
                 result.propensity.get("c"), pref_equipoise, X.shape[1],
             ))
     return result
+
+
+def _adjust(
+    name: str, ps: np.ndarray, treated: np.ndarray, seed: int
+) -> tuple[_Adjustment, np.ndarray]:
+    """One estimator's adjustment (without its balance) and the weights balance is judged with.
+
+    ps_match: the balance weights are the matching weights (1 for matched treated persons,
+    1/(comparators in the set) for matched comparators, 0 for the unmatched; all 1 when 1:1),
+    and the effective sample sizes are the matched counts.
+    """
+    if name == "iptw":
+        weights = truncated_iptw_weights(ps, treated)
+        return _Adjustment(weights=weights, ess=_arm_ess(weights, treated)), weights
+    if name == "overlap":
+        weights = overlap_weights(ps, treated)
+        return _Adjustment(weights=weights, ess=_arm_ess(weights, treated)), weights
+    if name == "ps_strata":
+        strata = ps_strata(ps, N_STRATA)
+        weights = stratification_weights(strata, treated)
+        return _Adjustment(strata=strata, ess=_arm_ess(weights, treated)), weights
+    if name == "ps_match":
+        matches = match_on_ps(ps, treated, k=MATCH_MAX_RATIO, caliper=MATCH_CALIPER,
+                              caliper_scale=MATCH_CALIPER_SCALE, seed=seed)
+        sets = np.full(treated.shape[0], -1, dtype=np.int64)
+        sets[matches.treated] = matches.set_id
+        sets[matches.control] = matches.set_id
+        ess = (float(matches.n_sets), float(np.unique(matches.control).size))
+        return _Adjustment(strata=sets, ess=ess), matches.weights()
+    raise ValueError(f"unknown estimator {name!r}")
+
+
+def _matched_rows(sets: np.ndarray, treated: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Persons kept for the outcome who are in a matched set that still holds both arms."""
+    rows = keep & (sets >= 0)
+    s, t = sets[rows], treated[rows].astype(np.float64)
+    n_sets = int(sets.max()) + 1
+    complete = ((np.bincount(s, t, minlength=n_sets) > 0)
+                & (np.bincount(s, 1.0 - t, minlength=n_sets) > 0))
+    rows[rows] = complete[s]
+    if not rows.any():
+        raise EstimationError("no matched set keeps both arms after excluding persons with "
+                              "the outcome before time zero")
+    return rows
 
 
 def _empty_arm(treated: np.ndarray) -> EstimationError | None:
@@ -195,6 +277,18 @@ def _estimate(
     name: str, adjustment: _Adjustment | EstimationError, data: OutcomeInput,
     treated: np.ndarray, keep: np.ndarray,
 ) -> dict:
+    """One estimator on one outcome: the estimate row, or a failed row with the reason.
+
+    Counts (persons, events, person-days) are of the persons the estimate uses: for ps_match the
+    matched persons in sets that keep both arms after the prior-outcome exclusion.
+    """
+    error = adjustment if isinstance(adjustment, EstimationError) else None
+    if error is None and name == "ps_match":
+        try:
+            keep = _matched_rows(adjustment.strata, treated, keep)
+        except EstimationError as exc:
+            error = exc
+            keep = keep & (adjustment.strata >= 0)
     t, time, event = treated[keep], data.time[keep], data.event[keep]
     arm = t == 1
     row = {
@@ -206,14 +300,18 @@ def _estimate(
         "status": "ok", "message": None,
     }
     try:
-        if isinstance(adjustment, EstimationError):
-            raise adjustment
+        if error is not None:
+            raise error
         if name == "crude":
             effect = crude_hr(time, event, t)
         elif name == "iptw":
             effect = iptw_hr(time, event, t, adjustment.weights[keep])
-        else:
+        elif name == "overlap":
+            effect = overlap_hr(time, event, t, adjustment.weights[keep])
+        elif name == "ps_strata":
             effect = stratified_hr(time, event, t, adjustment.strata[keep])
+        else:
+            effect = matched_hr(time, event, t, adjustment.strata[keep])
     except EstimationError as exc:
         row.update(status="failed", message=str(exc))
         return row

@@ -42,8 +42,9 @@ from cohort.design import (
 
 IDENTIFIER = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
 CONCEPT_SET_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
-SUPPORTED_ESTIMATORS = ("crude", "iptw", "ps_strata")
-PLANNED_ESTIMATORS = ("ps_match", "aipw", "overlap", "standardization", "dml")
+SUPPORTED_ESTIMATORS = ("crude", "iptw", "overlap", "ps_strata", "ps_match")
+DEFAULT_ESTIMATORS = ("crude", "iptw", "ps_strata")  # quick and CohortMethod-like
+PLANNED_ESTIMATORS = ("aipw", "standardization", "dml")
 
 
 class StudyFileError(Exception):
@@ -354,7 +355,7 @@ class StudyConfig(_Strict):
     positive_controls: PositiveControls | None = None
     follow_up: FollowUp = Field(default_factory=FollowUp)
     covariates: Covariates = Field(default_factory=Covariates)
-    estimators: list[str] = Field(default_factory=lambda: list(SUPPORTED_ESTIMATORS))
+    estimators: list[str] = Field(default_factory=lambda: list(DEFAULT_ESTIMATORS))
     horizon_days: int | None = None
     diagnostics: Diagnostics = Field(default_factory=Diagnostics)
     min_cell_count: int = Field(5, ge=0, le=1000)
