@@ -1,4 +1,5 @@
-"""Accuracy benchmark: `python -m bench.accuracy [--seeds 0 1 2 3 4] [--persons N] [--out FILE]`.
+"""Accuracy benchmark: `python -m bench.accuracy [--seeds 0 1 2 3 4] [--persons N] [--out FILE]
+[--scenario itt|on_treatment]`.
 
 How close do the study pipeline's estimates come to a planted truth? For each seed, the demo
 generator (cohort.synthetic) writes a synthetic OMOP CDM with known hazard ratios, confounding
@@ -18,6 +19,15 @@ controls, `true_effect_size` for synthetic positive controls. A pair with no usa
 (status != ok, or missing from the store) counts against "estimable" and is left out of every
 other metric; the counts are reported. The issue's targets (calibrated coverage >= 0.90 and
 AUC >= 0.90 for true HRs >= 2 or <= 0.5) are checked and reported, never tuned for.
+
+Scenarios (`--scenario`): `itt` (default) plants effects that act from time zero to the end of
+observation whatever the exposure, and runs the study as configured (intention to treat).
+`on_treatment` generates CDMs whose planted HRs act only while exposed (the first exposure
+episode + 30 days, `generate_demo_cdm(exposure_effect="on_treatment")`) and runs the study twice
+per seed, with `follow_up.strategy: intention_to_treat` and with `strategy: on_treatment,
+gap_days: 30, end_day: 30`, so the table shows what each analysis recovers of a per-exposure-time
+truth (rows `<estimator> [itt]` and `<estimator> [on_treatment]`, plus the geometric mean
+estimate of each planted effect). Its CDMs are cached apart from the ITT ones, keyed on the mode.
 
 Writes the result as JSON (`--out`), its Markdown table next to it (`.md`) and the pair-level
 frame (`.pairs.parquet`); prints the table. Data and run workspaces go to data/bench/accuracy/.
@@ -44,6 +54,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_STUDY = ROOT / "configs" / "demo.yaml"
 DEFAULT_WORK_DIR = ROOT / "data" / "bench" / "accuracy"
 DEFAULT_OUT = ROOT / "data" / "bench" / "accuracy.json"
+SCENARIO_OUT = {"itt": DEFAULT_OUT,
+                "on_treatment": ROOT / "data" / "bench" / "accuracy_on_treatment.json"}
+"""Default --out per scenario (the on-treatment run does not overwrite the ITT result)."""
+SCENARIOS = ("itt", "on_treatment")
+FOLLOW_UP: dict[str, dict] = {
+    "itt": {"strategy": "intention_to_treat"},
+    "on_treatment": {"strategy": "on_treatment", "gap_days": 30, "end_day": 30},
+}
+"""Follow-up overrides of configs/demo.yaml per analysis (the on-treatment scenario runs both)."""
 ROLES = ("negative_control", "positive_control", "outcome")
 TARGETS = {"calibrated_coverage": 0.90, "calibrated_auc_strong": 0.90}
 """The issue's targets: calibrated coverage (all pairs) and calibrated AUC for |log HR| >= log 2."""
@@ -138,13 +157,37 @@ def metrics(frame: pd.DataFrame, *, calibrated: bool = False) -> dict:
     return out
 
 
-def summarize(pairs: pd.DataFrame) -> dict:
-    """{estimator: {"uncalibrated": metrics, "calibrated": metrics}} over every seed's pairs."""
+def summarize(pairs: pd.DataFrame, by: str = "estimator") -> dict:
+    """{estimator: {"uncalibrated": metrics, "calibrated": metrics}} over every seed's pairs.
+
+    `by="label"` groups by estimator and analysis (the on-treatment scenario's rows).
+    """
     return {
         estimator: {mode: metrics(group, calibrated=mode == "calibrated")
                     for mode in ("uncalibrated", "calibrated")}
-        for estimator, group in pairs.groupby("estimator", sort=False)
+        for estimator, group in pairs.groupby(by, sort=False)
     }
+
+
+def planted_effects(pairs: pd.DataFrame, by: str = "label") -> list[dict]:
+    """Per planted effect (outcome of interest with true HR != 1): the geometric mean of the
+    usable uncalibrated estimates over seeds, per `by` group, with the number of seeds used.
+
+    The on-treatment scenario's direct view of dilution: an ITT analysis of a per-exposure-time
+    effect lands between 1 and the truth, an on-treatment one near it.
+    """
+    planted = pairs[pairs["role"].eq("outcome") & pairs["truth"].ne(1.0)]
+    rows = []
+    for (treatment, outcome), group in planted.groupby(["treatment", "outcome"], sort=True):
+        cells = {}
+        for label, g in group.groupby(by, sort=False):
+            est = g.loc[g["status"].eq("ok"), "estimate"].to_numpy(dtype=float)
+            est = est[np.isfinite(est) & (est > 0)]
+            cells[label] = {"estimate": float(np.exp(np.log(est).mean())) if est.size else None,
+                            "n": int(est.size)}
+        rows.append({"treatment": treatment, "outcome": outcome,
+                     "truth": float(group["truth"].iloc[0]), "estimates": cells})
+    return rows
 
 
 def check_targets(summary: dict) -> dict:
@@ -184,14 +227,45 @@ def truth_table(cdm: Path, effect_sizes: list[float]) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True).rename(columns={"true_hr": "truth"})
 
 
-def write_study(cdm: Path, study_file: Path, estimators: list[str]) -> dict:
-    """A copy of configs/demo.yaml reading `cdm` and running `estimators`; returns its dict."""
+def write_study(cdm: Path, study_file: Path, estimators: list[str],
+                follow_up: dict | None = None) -> dict:
+    """A copy of configs/demo.yaml reading `cdm` and running `estimators`; returns its dict.
+
+    `follow_up` (keys of the study's follow_up block) overrides the design's risk window.
+    """
     config = yaml.safe_load(DEMO_STUDY.read_text())
     config.update(study="accuracy", source=str(cdm.resolve()), estimators=list(estimators))
+    changed = "source and estimators"
+    if follow_up:
+        config["follow_up"] = {**config.get("follow_up", {}), **follow_up}
+        changed += " and follow_up"
     study_file.write_text(
-        "# Written by bench.accuracy from configs/demo.yaml (source and estimators changed).\n"
+        f"# Written by bench.accuracy from configs/demo.yaml ({changed} changed).\n"
         + yaml.safe_dump(config, sort_keys=False, width=100))
     return config
+
+
+def ensure_cdm(cdm: Path, *, persons: int, seed: int, scenario: str) -> Path:
+    """The scenario's synthetic CDM in `cdm`, generated unless the cached one matches.
+
+    ITT uses the demo's cache (flows.demo); the on-treatment CDM's marker also records the
+    exposure effect, so a cache of the other mode (or an older generator) is never reused.
+    """
+    if scenario == "itt":
+        from flows.demo import ensure_demo_data
+
+        return ensure_demo_data(cdm, persons=persons, seed=seed)
+    from cohort.synthetic import GENERATOR_VERSION, generate_demo_cdm
+    from flows.demo import MARKER
+
+    wanted = {"persons": persons, "seed": seed, "generator": GENERATOR_VERSION,
+              "exposure_effect": scenario}
+    marker = cdm / MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == wanted:
+        return cdm / "truth.csv"
+    truth = generate_demo_cdm(cdm, persons=persons, seed=seed, exposure_effect=scenario)
+    marker.write_text(json.dumps(wanted))
+    return truth
 
 
 def run_plain(study_file: Path, results: Path, data_dir: Path) -> dict:
@@ -256,45 +330,70 @@ def machine() -> dict:
 
 
 def run(seeds: list[int], persons: int, work_dir: Path,
-        estimators: list[str] | None = None) -> dict:
+        estimators: list[str] | None = None, scenario: str = "itt") -> dict:
     """Generate, run and score the demo study for each seed; return metrics and run facts.
 
     `estimators` defaults to every estimator the pipeline supports, read when called (the list
-    grows as estimators are added).
+    grows as estimators are added). `scenario` "itt" runs the demo study as configured on ITT
+    CDMs; "on_treatment" runs it with ITT and with on-treatment follow-up on on-treatment CDMs,
+    and its metrics are keyed by `<estimator> [<analysis>]` (the `labels` of the result).
     """
     from flows.config import SUPPORTED_ESTIMATORS
-    from flows.demo import ensure_demo_data
 
+    if scenario not in SCENARIOS:
+        raise ValueError(f"scenario must be one of {SCENARIOS}, not {scenario!r}")
     estimators = list(estimators or SUPPORTED_ESTIMATORS)
     work_dir = Path(work_dir)
-    results = work_dir / f"results_p{persons}.duckdb"
+    itt = scenario == "itt"
+    suffix = "" if itt else f"_{scenario}"
+    results = work_dir / f"results_p{persons}{suffix}.duckdb"
+    analyses = ["itt"] if itt else ["itt", "on_treatment"]
+    by = "estimator" if itt else "label"
     load_before = [round(x, 2) for x in os.getloadavg()]
     started = time.perf_counter()
     frames, per_seed = [], []
     for seed in seeds:
-        folder = work_dir / f"p{persons}_s{seed}"
+        folder = work_dir / f"p{persons}_s{seed}{suffix}"
         t0 = time.perf_counter()
-        ensure_demo_data(folder / "cdm", persons=persons, seed=seed)
+        ensure_cdm(folder / "cdm", persons=persons, seed=seed, scenario=scenario)
         t1 = time.perf_counter()
-        config = write_study(folder / "cdm", folder / "study.yaml", estimators)
-        record = run_plain(folder / "study.yaml", results, work_dir)
+        seed_frames, run_ids, analysis_seconds = [], [], 0.0
+        for analysis in analyses:
+            # ITT scenario: the study exactly as before (same file, same run identity).
+            study_file = folder / ("study.yaml" if itt else f"study_{analysis}.yaml")
+            config = write_study(folder / "cdm", study_file, estimators,
+                                 None if itt else FOLLOW_UP[analysis])
+            record = run_plain(study_file, results, work_dir)
+            sizes = config.get("positive_controls", {}).get("effect_sizes", [])
+            pairs = read_pairs(results, record["run_id"], truth_table(folder / "cdm", sizes),
+                               estimators).assign(seed=seed)
+            if not itt:
+                pairs = pairs.assign(analysis=analysis,
+                                     label=pairs["estimator"] + f" [{analysis}]")
+            seed_frames.append(pairs)
+            run_ids.append(record["run_id"])
+            analysis_seconds += sum(record["timings"]["comparisons"].values())
         t2 = time.perf_counter()
-        sizes = config.get("positive_controls", {}).get("effect_sizes", [])
-        pairs = read_pairs(results, record["run_id"], truth_table(folder / "cdm", sizes),
-                           estimators).assign(seed=seed)
+        pairs = pd.concat(seed_frames, ignore_index=True)
         frames.append(pairs)
-        per_seed.append({"seed": seed, "run_id": record["run_id"],
+        per_seed.append({"seed": seed, "run_id": run_ids[0] if itt else run_ids,
                          "generate_seconds": round(t1 - t0, 2),
                          "run_seconds": round(t2 - t1, 2),
-                         "analysis_seconds": round(sum(record["timings"]["comparisons"].values()),
-                                                   2),
+                         "analysis_seconds": round(analysis_seconds, 2),
                          "n_failed": int((pairs["status"] != "ok").sum()),
-                         "metrics": summarize(pairs)})
+                         "metrics": summarize(pairs, by)})
         print(f"seed {seed}: generated in {t1 - t0:.1f} s, run in {t2 - t1:.1f} s", flush=True)
     pairs = pd.concat(frames, ignore_index=True)
-    summary = summarize(pairs)
+    summary = summarize(pairs, by)
+    extra = {} if itt else {
+        "labels": list(summary), "analyses": analyses,
+        "follow_up": {a: FOLLOW_UP[a] for a in analyses},
+        "planted": planted_effects(pairs, by),
+    }
     return {
         "benchmark": "accuracy",
+        "scenario": scenario,
+        **extra,
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "seeds": list(seeds), "persons": persons, "estimators": estimators,
         "seconds": round(time.perf_counter() - started, 1),
@@ -315,10 +414,12 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 def markdown(result: dict) -> str:
     """The benchmark as Markdown for bench/RESULTS.md: settings, metrics table, targets."""
     m = result["machine"]
+    scenario = result.get("scenario", "itt")
+    flag = "" if scenario == "itt" else f" --scenario {scenario}"
     lines = [
         f"Accuracy against planted truth: seeds {', '.join(map(str, result['seeds']))} x "
         f"{result['persons']:,} persons (`python -m bench.accuracy --seeds "
-        f"{' '.join(map(str, result['seeds']))} --persons {result['persons']}`), "
+        f"{' '.join(map(str, result['seeds']))} --persons {result['persons']}{flag}`), "
         f"{result['seconds']:.0f} s in all on {m['machine']}, {m['cores']} cores, Python "
         f"{m['python']} (load average {m['loadavg_before'][0]} before, "
         f"{m['loadavg_after'][0]} after), {result['time']}.",
@@ -331,6 +432,7 @@ def markdown(result: dict) -> str:
         "coverage of the controls is in-sample (the systematic-error model is fitted on them); "
         "the outcomes-of-interest column is the out-of-sample check.",
         "",
+        *_scenario_lines(result),
         "| estimator | CI | coverage all | NC | PC | outcomes | AUC >=2x | AUC >=2x outcomes "
         "| AUC any | bias | RMSE | type I | pass diag. | estimable | n pairs |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -351,17 +453,41 @@ def markdown(result: dict) -> str:
                 "n/a" if c["value"] is None else f"missed by {c['shortfall']:.3f}")
             parts.append(f"{key.removeprefix('calibrated_')} {_fmt(c['value'], 3)} ({verdict})")
         lines.append(f"- {estimator}: {'; '.join(parts)}")
+    labels = result.get("labels", result["estimators"])
     lines += ["", "Per seed (calibrated coverage all / outcomes of interest; calibrated AUC >=2x):",
-              "", "| seed | " + " | ".join(result["estimators"]) + " |",
-              "|---|" + "---|" * len(result["estimators"])]
+              "", "| seed | " + " | ".join(labels) + " |",
+              "|---|" + "---|" * len(labels)]
     for s in result["per_seed"]:
         cells = []
-        for estimator in result["estimators"]:
+        for estimator in labels:
             c = s["metrics"].get(estimator, {}).get("calibrated")
             cells.append("n/a" if c is None else f"{_fmt(c['coverage'])} / "
                          f"{_fmt(c['coverage_outcome'])}; {_fmt(c['auc_strong'])}")
         lines.append(f"| {s['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _scenario_lines(result: dict) -> list[str]:
+    """The on-treatment scenario's preamble and planted-effect table (nothing for ITT)."""
+    if result.get("scenario", "itt") == "itt":
+        return []
+    follow = "; ".join(f"{a}: " + ", ".join(f"{k} {v}" for k, v in f.items())
+                       for a, f in result["follow_up"].items())
+    labels = result["labels"]
+    lines = [
+        "Scenario on_treatment: the planted HRs act only while exposed (first exposure episode "
+        "+ 30 days; truth.csv's HRs are per exposed time), and the study runs twice per seed "
+        f"({follow}). Rows `<estimator> [<analysis>]`. Geometric mean of the uncalibrated "
+        "estimates of each planted effect over seeds:",
+        "",
+        "| treatment | outcome | true HR | " + " | ".join(labels) + " |",
+        "|---|---|---|" + "---|" * len(labels),
+    ]
+    for row in result["planted"]:
+        cells = [_fmt(row["estimates"].get(label, {}).get("estimate")) for label in labels]
+        lines.append(f"| {row['treatment']} | {row['outcome']} | {row['truth']:g} | "
+                     + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def write(result: dict, out: Path) -> str:
@@ -383,12 +509,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--persons", type=int, default=50_000)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result JSON (default data/bench/accuracy.json, "
+                             "accuracy_on_treatment.json for --scenario on_treatment)")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
                         help="where CDMs, run workspaces and the result store go")
+    parser.add_argument("--scenario", choices=SCENARIOS, default="itt",
+                        help="itt: effects from time zero on, the study as configured; "
+                             "on_treatment: effects while exposed, ITT and on-treatment analyses")
     args = parser.parse_args(argv)
-    result = run(args.seeds, args.persons, args.work_dir)
-    print(write(result, args.out), flush=True)
+    result = run(args.seeds, args.persons, args.work_dir, scenario=args.scenario)
+    print(write(result, args.out or SCENARIO_OUT[args.scenario]), flush=True)
     return result
 
 

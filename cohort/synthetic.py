@@ -36,6 +36,26 @@ Causal model (all effects are log-linear; ``a`` = (age at index - 55) / 15, ``ma
   estimates cover HR 1 ~75-80% of the time at 50,000 persons (~94% at ``s = 0``). This is bias,
   not effect: ``truth.csv`` holds the planted HRs for every ``s``. ``u`` has its own random
   stream, so for a seed ``s`` changes only drug choice (so study-drug records) and outcomes.
+* Exposure effect, ``exposure_effect`` (default ``"itt"``): with ``"itt"`` the planted HR acts
+  from the day after ``t0`` to the end of observation whatever the person's exposure (drug eras
+  record persistence but do not touch risk), the truth an intention-to-treat analysis targets.
+  With ``"on_treatment"`` it acts only while the person is exposed to the drug started at
+  ``t0``: from the day after ``t0`` through the end of the first exposure episode (the first
+  era, joined with a restart of the same drug that begins at most 30 days after it, as the
+  cohort engine builds episodes with ``gap_days: 30``) plus a 30-day carry-over, cut at the end
+  of observation; the baseline hazard applies before and after. First events after ``t0`` are
+  then drawn piecewise-exponentially (vectorised over persons). Discontinuation is mildly
+  informative in that mode: the number of 30-day fills of the first era is log-normal with its
+  log mean lowered by ``0.25 * s * u``, so persons with a high frailty (high ``u``) stop
+  sooner, and an on-treatment analysis that cannot see ``u`` keeps a little selection bias
+  besides the confounding by ``u`` (none at ``s = 0``). Persons, drug choice, drug records (at
+  ``s = 0``), indications and noise are the same in both modes for a seed; outcome events share
+  one random stream, so after the first planted outcome they are other draws from the same
+  model (negative controls included). ``"itt"`` output is byte-identical to what the
+  generator wrote before the mode existed. The HRs of ``truth.csv`` are per unit of exposed
+  time in ``"on_treatment"`` mode, so an ITT analysis over the whole follow-up is diluted
+  toward 1 and an on-treatment analysis (``strategy: on_treatment, gap_days: 30, end_day:
+  30``) targets them.
 * Negative controls (40) have HR 1 for every drug; many depend on indications, age or sex
   (so crude estimates are biased), 12 on nothing measured. Noise concepts (conditions, drugs,
   procedures, measurements) have skewed (Zipf-like) frequencies, depend on ``h`` only and
@@ -43,8 +63,8 @@ Causal model (all effects are log-linear; ``a`` = (age at index - 55) / 15, ``ma
 * Planted dirt: orphan observation periods, persons with two periods, early starters, and
   ~0.1% of noise condition records dated up to 180 days after the end of observation.
 
-``generate_demo_cdm`` is vectorised (numpy, pyarrow), deterministic for a seed (and strength),
-and writes ``truth.csv`` with the planted hazard ratios of the four treatments vs
+``generate_demo_cdm`` is vectorised (numpy, pyarrow), deterministic for a seed (strength and
+exposure effect), and writes ``truth.csv`` with the planted hazard ratios of the four treatments vs
 ``comparator_drug`` on the 6 outcomes and 40 negative controls.
 """
 
@@ -54,6 +74,7 @@ import csv
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -64,6 +85,7 @@ __all__ = [
     "COMPARATOR",
     "DEMO_CONCEPTS",
     "DEMO_VOCABULARY_ID",
+    "EXPOSURE_EFFECTS",
     "GENDER_FEMALE",
     "GENDER_MALE",
     "GENERATOR_VERSION",
@@ -81,7 +103,12 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- concepts
 GENERATOR_VERSION = 2
-"""Bumped whenever the same size and seed would produce different data (caches check it)."""
+"""Bumped whenever the same size, seed and arguments would produce different data (caches check
+it). ``exposure_effect="on_treatment"`` (added later) left ``"itt"`` output unchanged, so caches
+of generated CDMs key on the mode besides this version when they use it."""
+ExposureEffect = Literal["itt", "on_treatment"]
+EXPOSURE_EFFECTS: tuple[str, ...] = ("itt", "on_treatment")
+"""When the planted HR acts: from ``t0`` on regardless of exposure, or only while exposed."""
 DEMO_VOCABULARY_ID = "Cohortflow Demo"
 GENDER_MALE = 8507
 GENDER_FEMALE = 8532
@@ -228,6 +255,12 @@ _SWITCH_SHARE = 0.16  # of eligible comparator users: ~5% of all users
 _RESTART_SHARE = 0.15
 _VARIANT_SHARE = 0.35
 _REPEAT_SHARE = 0.15
+# exposure_effect="on_treatment": eras of the drug this close form one episode (as the engine's
+# gap_days), the effect lasts this long after the episode ends, and the log mean of the first
+# era's number of fills drops by this much per unit of (strength x u).
+_EPISODE_GAP_DAYS = 30
+_CARRY_OVER_DAYS = 30
+_DISCONTINUATION_U = 0.25
 
 # ----------------------------------------------------------------------------- schema (v5.3)
 _I, _D, _F, _S, _T = "BIGINT", "DATE", "DOUBLE", "VARCHAR", "TIMESTAMP"
@@ -533,18 +566,26 @@ def _indication_records(p: _Persons, rng: np.random.Generator) -> tuple[np.ndarr
     return pid_a, np.concatenate(concept), start_a, end_a
 
 
-def _outcome_records(p: _Persons, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+def _outcome_records(
+    p: _Persons, rng: np.random.Generator, effect_end: np.ndarray | None = None,
+) -> tuple[np.ndarray, ...]:
     """First events before ``t0`` (prior outcomes), first events after ``t0`` and some repeats.
 
     One Poisson process per person and outcome, observed from the start of the main period
     with day ``t0`` left out: a single Exp(1) draw gives the first event, and when that falls
     after ``t0`` its excess hazard (memoryless) gives the first event after ``t0``; persons
-    with a prior event draw afresh for after ``t0``.
+    with a prior event draw afresh for after ``t0``. ``effect_end`` (on-treatment mode: the
+    last day the planted HR acts, per person) makes the hazard after ``t0`` piecewise
+    constant, ``HR x base`` over days ``t0 + 1 .. effect_end`` and ``base`` after; None (ITT)
+    applies the HR to the end of observation. Outcomes without a planted effect use the ITT
+    formula in both modes (no effect, so the same model).
     """
     pid, concept, start = [], [], []
     span_before = (p.t0 - p.obs_start).astype(np.float64)  # days obs_start .. t0 - 1
     span_after = (p.obs_end - p.t0).astype(np.float64)  # days t0 + 1 .. obs_end
     drug = np.where(p.drug >= 0, p.drug, 0)  # non-users follow the comparator (HR 1)
+    if effect_end is not None:  # days t0 + 1 .. effect_end, within observation
+        span_on = np.clip(effect_end - p.t0, 0, p.obs_end - p.t0).astype(np.float64)
     for outcome, (base, gamma, effects) in _OUTCOME_MODEL.items():
         # Frailty exp(g u - g^2 / 2), mean 1: the average hazard is base at any strength.
         g = gamma * p.unmeasured_confounding
@@ -560,9 +601,13 @@ def _outcome_records(p: _Persons, rng: np.random.Generator) -> tuple[np.ndarray,
         before = np.nonzero(e < cum_before)[0]
         excess = e - cum_before  # Exp(1) given no event before t0
         excess[before] = rng.standard_exponential(before.size)
-        after = np.nonzero(excess < rate_after * span_after)[0]
         day_before = p.obs_start[before] + np.floor(e[before] / rate[before]).astype(np.int64)
-        day_after = p.t0[after] + 1 + np.floor(excess[after] / rate_after[after]).astype(np.int64)
+        if effect_end is None or rate_after is rate:
+            after = np.nonzero(excess < rate_after * span_after)[0]
+            offset = np.floor(excess[after] / rate_after[after])
+        else:
+            after, offset = _piecewise_first(excess, rate_after, rate, span_on, span_after)
+        day_after = p.t0[after] + 1 + offset.astype(np.int64)
         repeat = day_after + 1 + np.floor(rng.exponential(180.0, after.size)).astype(np.int64)
         has_repeat = (rng.random(after.size) < _REPEAT_SHARE) & (repeat <= p.obs_end[after])
         rows = np.concatenate([before, after, after[has_repeat]])
@@ -575,6 +620,25 @@ def _outcome_records(p: _Persons, rng: np.random.Generator) -> tuple[np.ndarray,
         start.append(days)
     pid_a, start_a = np.concatenate(pid), np.concatenate(start)
     return pid_a, np.concatenate(concept), start_a, _condition_end(start_a, p.obs_end[pid_a], rng)
+
+
+def _piecewise_first(
+    excess: np.ndarray, rate_on: np.ndarray, rate_off: np.ndarray, span_on: np.ndarray,
+    span: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Persons with a first event after ``t0`` and its day offset from ``t0 + 1``, for a
+    hazard ``rate_on`` over the first ``span_on`` days and ``rate_off`` up to ``span`` days.
+
+    ``excess`` is each person's Exp(1) cumulative-hazard budget: the event falls where the
+    cumulative hazard reaches it (inverse of the piecewise-linear cumulative hazard).
+    """
+    cum_on = rate_on * span_on
+    on = excess < cum_on
+    rest = excess - cum_on
+    after = np.nonzero(on | (rest < rate_off * (span - span_on)))[0]
+    offset = np.where(on[after], np.floor(excess[after] / rate_on[after]),
+                      span_on[after] + np.floor(rest[after] / rate_off[after]))
+    return after, offset
 
 
 def _noise_counts(p: _Persons, mean: float, rng: np.random.Generator) -> np.ndarray:
@@ -593,11 +657,16 @@ def _noise_records(
 
 def _eras(
     rows: np.ndarray, ingredient: np.ndarray, products: np.ndarray, start: np.ndarray,
-    limit: np.ndarray, rng: np.random.Generator,
+    limit: np.ndarray, rng: np.random.Generator, log_shift: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Eras of 30-day fills (occasionally 1-25 days apart) starting at ``start``, at most
-    1,000 days, cut at ``limit`` (end of observation). Returns (eras, fills) as columns."""
-    n_fills = np.clip(np.ceil(np.exp(rng.normal(0.9, 1.0, rows.size))), 1, 33).astype(np.int64)
+    1,000 days, cut at ``limit`` (end of observation). Returns (eras, fills) as columns.
+    ``log_shift`` (per era) moves the log mean of the number of fills (informative
+    discontinuation); None leaves the draws exactly as they were."""
+    log_fills = rng.normal(0.9, 1.0, rows.size)
+    if log_shift is not None:
+        log_fills += log_shift
+    n_fills = np.clip(np.ceil(np.exp(log_fills)), 1, 33).astype(np.int64)
     era = np.repeat(np.arange(rows.size), n_fills)
     first = _segment_starts(n_fills)
     k = np.arange(era.size) - first[era]
@@ -622,17 +691,27 @@ def _eras(
     return eras, fills
 
 
-def _study_drug_records(p: _Persons, rng: np.random.Generator) -> tuple[list, list]:
+def _study_drug_records(
+    p: _Persons, rng: np.random.Generator, informative: bool = False,
+) -> tuple[list, list]:
+    """Study-drug eras and fills: [first eras, restarts, added treatments] of each.
+
+    ``informative`` (on-treatment mode) shortens the first era of persons with a high ``u``.
+    """
     ingredient = np.array([DEMO_CONCEPTS[d] for d in STUDY_DRUGS], dtype=np.int64)
     product = np.array([PRODUCT_CONCEPTS[d] for d in STUDY_DRUGS], dtype=np.int64)
     users = np.nonzero(p.drug >= 0)[0]
 
-    def batch(rows: np.ndarray, drug: np.ndarray, start: np.ndarray) -> tuple[dict, dict]:
+    def batch(rows: np.ndarray, drug: np.ndarray, start: np.ndarray,
+              log_shift: np.ndarray | None = None) -> tuple[dict, dict]:
         second_product = rng.random(rows.size) < 0.35  # one product per era
         return _eras(rows, ingredient[drug], product[drug, second_product.astype(int)], start,
-                     p.obs_end[rows], rng)
+                     p.obs_end[rows], rng, log_shift)
 
-    first_eras, first_fills = batch(users, p.drug[users], p.t0[users])
+    shift = None
+    if informative:
+        shift = -_DISCONTINUATION_U * p.unmeasured_confounding * p.u[users]
+    first_eras, first_fills = batch(users, p.drug[users], p.t0[users], shift)
     eras, fills = [first_eras], [first_fills]
     # Restarts of the same drug after a gap.
     restart = first_eras["end"] + 61 + np.floor(rng.exponential(200.0, users.size))
@@ -653,6 +732,24 @@ def _study_drug_records(p: _Persons, rng: np.random.Generator) -> tuple[list, li
     eras.append(e)
     fills.append(f)
     return eras, fills
+
+
+def _effect_end(p: _Persons, first: dict, restart: dict) -> np.ndarray:
+    """Per person, the last day the planted HR acts in on-treatment mode: the end of the first
+    exposure episode plus the carry-over (``t0`` for non-users: never exposed).
+
+    The episode is the first era, joined with the restart of the same drug when that begins at
+    most ``_EPISODE_GAP_DAYS`` after it (as the engine joins records; restarts are drawn at
+    least 61 days later, so today this never happens, but the rule stays right if they move).
+    """
+    end = p.t0.copy()
+    end[first["person"]] = first["end"]
+    joined = restart["start"] <= end[restart["person"]] + _EPISODE_GAP_DAYS
+    end[restart["person"][joined]] = np.maximum(end[restart["person"][joined]],
+                                                restart["end"][joined])
+    users = first["person"]
+    end[users] += _CARRY_OVER_DAYS
+    return end
 
 
 def _noise_drug_records(p: _Persons, rng: np.random.Generator) -> tuple[dict, dict]:
@@ -732,6 +829,7 @@ def _ancestor_rows(concept: dict[str, list]) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- main
 def generate_demo_cdm(
     out_dir: Path, *, persons: int = 50_000, seed: int = 0, unmeasured_confounding: float = 1.0,
+    exposure_effect: ExposureEffect = "itt",
 ) -> Path:
     """Write a synthetic OMOP CDM v5.3 (``<table>.parquet`` per table) and ``truth.csv``.
 
@@ -739,12 +837,18 @@ def generate_demo_cdm(
     ``truth.csv`` are (over)written. The data are a deterministic function of
     ``persons``, ``seed`` and ``unmeasured_confounding`` (the strength ``s`` of the unrecorded
     confounder ``u``, see the module docstring: 0 turns it off, its coefficients scale with
-    ``s``). Returns the path of ``truth.csv``.
+    ``s``) and ``exposure_effect`` (``"itt"``: the planted HRs act from the day after ``t0``
+    to the end of observation; ``"on_treatment"``: only through the first exposure episode plus
+    30 days, see the module docstring). Returns the path of ``truth.csv``.
     """
     if persons < 1:
         raise ValueError("persons must be >= 1")
     if not (math.isfinite(unmeasured_confounding) and unmeasured_confounding >= 0):
         raise ValueError("unmeasured_confounding must be a finite number >= 0")
+    if exposure_effect not in EXPOSURE_EFFECTS:
+        raise ValueError(f"exposure_effect must be one of {EXPOSURE_EFFECTS}, "
+                         f"not {exposure_effect!r}")
+    on_treatment = exposure_effect == "on_treatment"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     p = _Persons(persons, seed, float(unmeasured_confounding))
@@ -782,10 +886,15 @@ def generate_demo_cdm(
         "period_type_concept_id": _TYPE_PERIOD,
     }))
 
+    # Study-drug eras first (their own stream, so the order changes nothing): in on-treatment
+    # mode the outcome hazard follows the first exposure episode.
+    eras, fills = _study_drug_records(p, _rng(seed, 5), informative=on_treatment)
+    effect_end = _effect_end(p, eras[0], eras[1]) if on_treatment else None
+
     # condition_occurrence: indications, outcomes, noise (+ a little dirt after observation)
     rng = _rng(seed, 3)
     ind = _indication_records(p, rng)
-    out = _outcome_records(p, _rng(seed, 4))
+    out = _outcome_records(p, _rng(seed, 4), effect_end)
     n_rows, n_concept, n_start = _noise_records(
         p, 10.0, _NOISE_CONDITION_IDS, _zipf_probs(_N_NOISE_CONDITIONS, 1.1, 3.0), rng)
     n_end = _condition_end(n_start, p.period_end(n_rows, n_start), rng)
@@ -806,8 +915,6 @@ def generate_demo_cdm(
     del ind, out, n_rows, n_concept, n_start, n_end, c_rows, c_start, order
 
     # drug_era + drug_exposure: study drugs and noise ingredients
-    rng = _rng(seed, 5)
-    eras, fills = _study_drug_records(p, rng)
     e, f = _noise_drug_records(p, _rng(seed, 6))
     eras.append(e)
     fills.append(f)
@@ -896,7 +1003,8 @@ def generate_demo_cdm(
         "cdm_holder": ["cohortflow"],
         "source_description": [f"Synthetic data with planted effects: {persons} persons, "
                                f"seed {seed}, unmeasured confounding {p.unmeasured_confounding:g}"
-                               f"; see truth.csv"],
+                               + (", on-treatment effects" if on_treatment else "")
+                               + "; see truth.csv"],
         "source_documentation_reference": ["cohort/synthetic.py"],
         "cdm_etl_reference": ["cohort.synthetic.generate_demo_cdm"],
         "source_release_date": np.array([_day("2021-01-01")]),

@@ -162,3 +162,31 @@ def test_toy_report_files(toy, tmp_path):
         for mode in ("uncalibrated", "calibrated"):
             assert f"| {estimator} | {mode} |" in table
     assert "seeds 0 x 12,000 persons" in table
+
+
+def test_on_treatment_scenario_runs_both_analyses(tmp_path):
+    """The on-treatment scenario: CDMs with effects while exposed, the study run with ITT and
+    with on-treatment follow-up, both scored, and the planted effects tabulated per analysis."""
+    result = run([0], 6_000, tmp_path, estimators=["iptw"], scenario="on_treatment")
+    assert result["scenario"] == "on_treatment"
+    assert result["labels"] == ["iptw [itt]", "iptw [on_treatment]"]
+    assert list(result["metrics"]) == result["labels"]
+    pairs = result["pairs"]
+    assert set(pairs["analysis"]) == {"itt", "on_treatment"}
+    assert (pairs.loc[pairs["role"] == "outcome", "status"] == "ok").mean() > 0.9
+    assert len(result["per_seed"][0]["run_id"]) == 2
+    assert len(set(result["per_seed"][0]["run_id"])) == 2           # two distinct runs
+    study = (tmp_path / "p6000_s0_on_treatment" / "study_on_treatment.yaml").read_text()
+    assert "strategy: on_treatment" in study and "gap_days: 30" in study
+    marker = json.loads((tmp_path / "p6000_s0_on_treatment" / "cdm" / "generator.json")
+                        .read_text())
+    assert marker["exposure_effect"] == "on_treatment"
+    assert len(result["planted"]) == sum(1 for t in TREATMENTS for o in OUTCOMES
+                                         if true_hr(t, o) != 1)
+    table = markdown(result)
+    assert "--scenario on_treatment" in table
+    for label in result["labels"]:
+        assert f"| {label} | calibrated |" in table
+    assert "| drug_c | outcome_4 | 4 |" in table
+    with pytest.raises(ValueError, match="scenario"):
+        run([0], 100, tmp_path, scenario="per_protocol")

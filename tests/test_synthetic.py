@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 from pathlib import Path
 
@@ -30,8 +31,10 @@ from cohort.synthetic import (
     TRUE_HR,
     _outcome_records,
     _Persons,
+    _piecewise_first,
     generate_demo_cdm,
 )
+from estimators.cox import fit_cox
 
 PERSONS = 20_000
 EUNOMIA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eunomia_gibleed"
@@ -543,3 +546,161 @@ def test_unmeasured_confounding_biases_negative_controls_and_switches_off(tmp_pa
         assert abs(log_rr[drug, 0.0]) < 0.15, log_rr
         assert 0.08 < sign * log_rr[drug, 1.0] < 0.4, log_rr
         assert sign * (log_rr[drug, 1.0] - log_rr[drug, 0.0]) > 0.08, log_rr
+
+
+# --------------------------------------------------------------------------- exposure effect
+ITT_DIGESTS = {  # content of generate_demo_cdm(persons=3_000, seed=7) before the mode existed
+    "person": "104a0c4073b04f22",
+    "observation_period": "0521af13a6e316ad",
+    "drug_era": "f763b4410dd5fbe1",
+    "drug_exposure": "0d2334a15b9d0da7",
+    "condition_occurrence": "ca092b9cf393328c",
+    "procedure_occurrence": "120fefdb9f288807",
+    "measurement": "efef6e8ed4d7d541",
+    "observation": "cb69585a79b84b3d",
+    "death": "e0dfcd7b3d5f3c5e",
+    "visit_occurrence": "62d6c421fea3ae8a",
+    "concept": "06bee5f3f64adced",
+    "concept_ancestor": "aa641f8c82f01f27",
+    "concept_relationship": "7bb7196ccb40fd15",
+    "vocabulary": "0a995428749a2fdd",
+    "cdm_source": "a3b75dd1f5e9c10c",
+    "truth": "f34c2017471e993d",
+}
+
+
+def content_digests(folder: Path) -> dict[str, str]:
+    """Per table, a digest of its values (not of the Parquet bytes, which may change with the
+    pyarrow version while the data do not); truth.csv by its bytes."""
+    out = {t: hashlib.sha256(repr(pq.read_table(folder / f"{t}.parquet").to_pydict()).encode())
+           .hexdigest()[:16] for t in CDM_SCHEMA}
+    out["truth"] = hashlib.sha256((folder / "truth.csv").read_bytes()).hexdigest()[:16]
+    return out
+
+
+def test_itt_mode_is_the_generator_as_it_was(tmp_path: Path) -> None:
+    """The default and explicit "itt" write the data pinned before on-treatment mode existed."""
+    generate_demo_cdm(tmp_path / "default", persons=3_000, seed=7)
+    generate_demo_cdm(tmp_path / "itt", persons=3_000, seed=7, exposure_effect="itt")
+    assert content_digests(tmp_path / "default") == ITT_DIGESTS
+    assert content_digests(tmp_path / "itt") == ITT_DIGESTS
+    with pytest.raises(ValueError, match="exposure_effect"):
+        generate_demo_cdm(tmp_path / "bad", persons=10, exposure_effect="per_protocol")
+
+
+def test_on_treatment_mode_changes_only_outcome_events(tmp_path: Path) -> None:
+    """Without u (so discontinuation is not informative) the two modes share every record but
+    the outcome events (one random stream: after the first planted outcome the draws move on);
+    truth.csv is the same."""
+    itt, ot = tmp_path / "itt", tmp_path / "ot"
+    for folder, mode in ((itt, "itt"), (ot, "on_treatment")):
+        generate_demo_cdm(folder, persons=3_000, seed=7, unmeasured_confounding=0.0,
+                          exposure_effect=mode)
+    a, b = content_digests(itt), content_digests(ot)
+    assert {t for t in a if a[t] != b[t]} == {"condition_occurrence", "cdm_source"}
+    outcomes = sorted({DEMO_CONCEPTS[o] for o in (*OUTCOMES, *NEGATIVE_CONTROLS)}
+                      | set(OUTCOME_VARIANT_CONCEPTS.values()))
+    query = ("SELECT person_id, condition_concept_id, condition_start_date, "
+             "condition_end_date FROM read_parquet('{}/condition_occurrence.parquet') "
+             f"WHERE condition_concept_id {{}} IN ({', '.join(map(str, outcomes))}) ORDER BY ALL")
+    assert (duckdb.sql(query.format(itt, "NOT")).fetchall()
+            == duckdb.sql(query.format(ot, "NOT")).fetchall())
+    assert (duckdb.sql(query.format(itt, "")).fetchall()
+            != duckdb.sql(query.format(ot, "")).fetchall())
+    assert "on-treatment" in scalar(connect(ot), "SELECT source_description FROM cdm_source")
+    # With u, high-frailty persons stop their first treatment sooner (informative
+    # discontinuation), so drug eras differ too.
+    generate_demo_cdm(tmp_path / "ot_u", persons=3_000, seed=7, exposure_effect="on_treatment")
+    assert content_digests(tmp_path / "ot_u")["drug_era"] != ITT_DIGESTS["drug_era"]
+
+
+def test_piecewise_first_event_inverts_the_cumulative_hazard() -> None:
+    """Hand cases: the budget spent on treatment, after it, or never; one rate is one piece."""
+    excess = np.array([0.5, 1.5, 3.2, 0.2])
+    on, off = np.array([0.1, 0.1, 0.1, 0.02]), np.array([0.05, 0.05, 0.05, 0.02])
+    span_on, span = np.array([10.0, 10.0, 10.0, 5.0]), np.array([50.0, 50.0, 50.0, 50.0])
+    after, offset = _piecewise_first(excess, on, off, span_on, span)
+    # 0.5 / 0.1 = day 5 on treatment; (1.5 - 1.0) / 0.05 = 10 days after its 10; 3.2 > 1 + 2;
+    # a single rate: floor(0.2 / 0.02) = 10 (up to rounding at the boundary).
+    assert after.tolist() == [0, 1, 3]
+    assert offset[:2].tolist() == [5.0, 20.0] and offset[2] in (9.0, 10.0)
+
+
+ON_TREATMENT_COHORT = """
+WITH ordered AS (   -- the engine's episodes: eras of the drug at most 30 days apart
+  SELECT person_id, drug_concept_id, drug_era_start_date AS s, drug_era_end_date AS e,
+         max(drug_era_end_date) OVER (PARTITION BY person_id, drug_concept_id
+           ORDER BY drug_era_start_date ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev
+  FROM drug_era WHERE drug_concept_id IN {arms}
+), numbered AS (
+  SELECT *, sum(CASE WHEN prev IS NULL OR s > prev + 30 THEN 1 ELSE 0 END) OVER (
+           PARTITION BY person_id, drug_concept_id ORDER BY s ROWS UNBOUNDED PRECEDING) AS k
+  FROM ordered
+), first AS (
+  SELECT person_id, drug_concept_id, min(s) AS index_date, max(e) AS episode_end
+  FROM numbered WHERE k = 1 GROUP BY ALL
+), arm AS (
+  SELECT f.*, op.observation_period_end_date AS obs_end
+  FROM first f JOIN observation_period op ON op.person_id = f.person_id
+   AND f.index_date BETWEEN op.observation_period_start_date AND op.observation_period_end_date
+  WHERE f.index_date - op.observation_period_start_date >= 365
+  QUALIFY count(*) OVER (PARTITION BY f.person_id) = 1
+), events AS (
+  SELECT a.person_id, min(c.condition_start_date) FILTER (
+           WHERE c.condition_start_date > a.index_date) AS first_after,
+         bool_or(c.condition_start_date <= a.index_date) AS prior
+  FROM arm a JOIN condition_occurrence c ON c.person_id = a.person_id
+  JOIN concept_ancestor ca ON ca.descendant_concept_id = c.condition_concept_id
+   AND ca.ancestor_concept_id = {outcome}
+  WHERE c.condition_start_date <= a.obs_end GROUP BY ALL
+)
+SELECT a.drug_concept_id = {arms[0]} AS treated,
+       a.obs_end - a.index_date AS itt_days,
+       least(a.episode_end + 30, a.obs_end) - a.index_date AS ot_days,
+       e.first_after - a.index_date AS event_day, '' {flags} AS stratum
+FROM arm a LEFT JOIN events e USING (person_id) WHERE NOT coalesce(e.prior, false)
+"""
+
+
+@pytest.fixture(scope="module")
+def on_treatment_cdm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("on_treatment_cdm")
+    generate_demo_cdm(out, persons=50_000, seed=11, unmeasured_confounding=0.0,
+                      exposure_effect="on_treatment")
+    return out
+
+
+@pytest.mark.parametrize(("treatment", "outcome", "confounders"), [
+    ("drug_c", "outcome_4", ("indication_1", "indication_5")),
+    ("drug_b", "outcome_1", ("indication_1", "indication_2", "indication_3", "indication_4")),
+])
+def test_on_treatment_analysis_recovers_the_planted_hr(
+    on_treatment_cdm: Path, treatment: str, outcome: str, confounders: tuple[str, ...],
+) -> None:
+    """New users, 365 days prior observation, no prior outcome; Cox stratified on the recorded
+    confounding indications (u is off). Follow-up from the day after index to the end of the
+    first episode (eras joined across gaps <= 30 days) + 30 days recovers the planted HR; to
+    the end of observation (ITT) it is diluted toward 1 by the unexposed time."""
+    con = connect(on_treatment_cdm)
+    flags = "".join(
+        f""" || CASE WHEN EXISTS (SELECT 1 FROM condition_occurrence c
+              WHERE c.person_id = a.person_id AND c.condition_concept_id = {DEMO_CONCEPTS[s]}
+              AND c.condition_start_date BETWEEN a.index_date - 365 AND a.index_date - 1)
+              THEN '1' ELSE '0' END""" for s in confounders)
+    arms = (DEMO_CONCEPTS[treatment], DEMO_CONCEPTS[COMPARATOR])
+    rows = con.sql(ON_TREATMENT_COHORT.format(arms=arms, outcome=DEMO_CONCEPTS[outcome],
+                                              flags=flags)).df()
+    treated = rows["treated"].to_numpy(dtype=bool)
+    event_day = rows["event_day"].to_numpy(dtype=float, na_value=np.inf)
+    strata = np.unique(rows["stratum"].to_numpy(), return_inverse=True)[1]
+    fits = {}
+    for analysis in ("itt", "ot"):
+        end = rows[f"{analysis}_days"].to_numpy(dtype=float)
+        event = event_day <= end
+        fits[analysis] = fit_cox(np.minimum(event_day, end), event, treated, strata=strata)
+    truth = math.log(TRUE_HR[treatment, outcome])
+    ot, itt = fits["ot"], fits["itt"]
+    assert ot.events > 80
+    assert abs(ot.log_hr - truth) < 3 * ot.se, (math.exp(ot.log_hr), ot.se)
+    assert 0 < itt.log_hr < 0.6 * truth, math.exp(itt.log_hr)  # diluted toward 1
+    assert abs(itt.log_hr - truth) > abs(ot.log_hr - truth)
