@@ -64,10 +64,12 @@ def attrition_steps(design: CohortDesign) -> list[tuple[str, str, str]]:
                   f"{design.washout_days} days before time zero (and observed that long)",
                   "washout_ok"))
     steps += criteria_steps(design)
-    steps.append(("not_in_both", "not eligible for both arms (such persons are removed from "
-                  "both)" if design.both_arms == "remove" else "eligible for both arms: kept "
-                  "in the arm entered first, censored when the other arm's drug starts",
-                  "NOT dropped_in_both"))
+    steps.append(("not_in_both", {
+        "remove": "not eligible for both arms (such persons are removed from both)",
+        "first": "eligible for both arms: kept in the arm entered first, censored when the "
+                 "other arm's drug starts",
+        "keep": "eligible for both arms: kept in both, the earlier entry censored when the "
+                "other arm's drug starts"}[design.both_arms], "NOT dropped_in_both"))
     if design.common_period:
         steps.append(("common_period", "time zero within the period both arms have entries",
                       "in_common_period"))
@@ -146,7 +148,7 @@ def _comparison_rules(source: RecordSource, design: CohortDesign) -> None:
         CREATE OR REPLACE TEMP TABLE cf_cmp_stage AS
         WITH other_arm AS (
             SELECT e.comparison_id, e.person_id, e.treated,
-                   bool_or(x.start_date < e.index_date
+                   bool_or($washout > 0 AND x.start_date < e.index_date
                            AND x.end_date >= e.index_date - $washout::INTEGER) AS recent,
                    bool_or(x.start_date <= e.index_date) AS ever_before,
                    min(x.start_date) FILTER (WHERE x.start_date > e.index_date) AS switch_date
@@ -192,9 +194,13 @@ def _comparison_rules(source: RecordSource, design: CohortDesign) -> None:
          AND o.treated = e.treated
     """, {"washout": design.washout_days})
     con.execute("DROP TABLE cf_cmp_flagged")
-    censor_switch = "true" if design.censor_at_switch else "in_both"
-    dropped = ("in_both" if design.both_arms == "remove" else
-               "in_both AND (index_date > first_index OR entries_that_day > 1)")
+    # a comparator of a candidate (other candidates, non-users) leaves that arm when it starts
+    # the candidate, whether or not that later start is itself an eligible entry
+    censor_switch = ("true" if design.censor_at_switch else
+                     "in_both" if comparator.kind == "active" else "in_both OR NOT treated")
+    dropped = {"remove": "in_both", "keep": "false",
+               "first": "in_both AND (index_date > first_index OR entries_that_day > 1)"}[
+        design.both_arms]
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE cf_cmp_window AS
         SELECT *, {dropped} AS dropped_in_both,
@@ -240,8 +246,8 @@ def _comparison_rules(source: RecordSource, design: CohortDesign) -> None:
                OR row_number() OVER (PARTITION BY comparison_id, treated, before_sample
                                      ORDER BY {uniform_sql("person_id", "comparison_id", 3)},
                                               person_id)
-                  <= floor($max_ratio::DOUBLE * count(*) FILTER (WHERE treated AND
-                           before_sample) OVER (PARTITION BY comparison_id)) AS sampled
+                  <= floor($max_ratio::DOUBLE * sum((treated AND before_sample)::INTEGER)
+                           OVER (PARTITION BY comparison_id)) AS sampled
         FROM ranked
     """, {"min_days": design.min_days_at_risk, "max_ratio": comparator.max_ratio,
           "seed": comparator.seed})

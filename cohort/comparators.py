@@ -12,8 +12,10 @@
   entering the data compare like for like); `random_visit` takes one of the person's visits.
 
 Large pools are sampled with a stable hash of (person, comparison, seed): a pre-sample before
-the eligibility rules (about twice the target size, shown as its own attrition step) and a
-final cap at `max_ratio` comparator persons per treated person.
+the eligibility rules (about twice the target size; said in the first attrition step) and a
+final cap at `max_ratio` comparator persons per treated person (its own step). The candidate's
+own users are always in the pre-sample, so whether a person ends up treated never depends on
+the draw.
 """
 
 from __future__ import annotations
@@ -114,7 +116,9 @@ def build_comparator_entries(source: RecordSource, comparator: ComparatorDef) ->
             JOIN first_two r ON r.set_name <> c.treatment
             JOIN first_set f ON f.person_id = r.person_id
             WHERE (r.rank = 1 OR f.set_name = c.treatment)
-              AND {uniform_sql("r.person_id", "c.comparison_id", 1)} < {probability}
+              AND ({uniform_sql("r.person_id", "c.comparison_id", 1)} < {probability}
+                   OR r.person_id IN (SELECT person_id FROM cf_entry t  -- the candidate's
+                                      WHERE t.set_name = c.treatment))  -- users: always
         """, params)
         return
     _non_user_entries(source, comparator, probability, params)
@@ -143,7 +147,9 @@ def _non_user_entries(source: RecordSource, comparator: ComparatorDef, probabili
                hash(p.person_id, c.comparison_id, $seed::BIGINT, 2) AS draw
         FROM cf_comparison c JOIN size USING (comparison_id) CROSS JOIN persons p
         WHERE size.n_treated > 0
-          AND {uniform_sql("p.person_id", "c.comparison_id", 1)} < {probability}
+          AND ({uniform_sql("p.person_id", "c.comparison_id", 1)} < {probability}
+               OR p.person_id IN (SELECT person_id FROM cf_entry t
+                                  WHERE t.set_name = c.treatment))
     """, params)
     if comparator.index_rule == "matched_calendar":
         assign = """

@@ -125,7 +125,7 @@ class CohortDesign:
     study_end: date | None = None            # time zero on or before
     common_period: bool = False
     criteria: tuple[Criterion, ...] = ()
-    both_arms: Literal["remove", "first"] = "remove"
+    both_arms: Literal["remove", "first", "keep"] = "remove"
     # follow-up
     risk_start_anchor: Literal["time_zero", "exposure_end"] = "time_zero"
     risk_end_anchor: Literal["time_zero", "exposure_end"] = "time_zero"

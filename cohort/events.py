@@ -3,7 +3,8 @@
 Criteria (require/exclude/indication) look for a concept set in a window around time zero; the
 set may be a condition, a drug, a procedure, a measurement, an observation or a visit type. With
 a concept table the concepts' domain_id picks the tables to read; without one, every present
-event table is read.
+event table is read. Drug records come from drug_exposure (every concept level: products and
+ingredients), or from drug_era (ingredients only) when drug_exposure is empty.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def concept_set_events(source: RecordSource, set_names: list[str], what: str) ->
     parts = []
     for domain in needed:  # constant table and column names only reach the SQL
         table, concept, start, end = EVENT_TABLES[domain]
-        if domain == "Drug" and source.has_rows("drug_era"):  # ingredient-level eras first
+        if domain == "Drug" and not source.has_rows("drug_exposure"):  # eras: ingredients only
             table, concept, start, end = ("drug_era", "drug_concept_id", "drug_era_start_date",
                                           "drug_era_end_date")
         if not source.has_rows(table):

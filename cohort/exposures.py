@@ -56,7 +56,8 @@ def build_exposures(source: RecordSource, design: CohortDesign, arm_sets: list[s
             FROM cf_exposure
         ), numbered AS (
             SELECT *, sum(CASE WHEN earlier_end IS NULL
-                               OR start_date > earlier_end + $gap::INTEGER THEN 1 ELSE 0 END)
+                               OR start_date > earlier_end + $gap::INTEGER + 1
+                          THEN 1 ELSE 0 END)
                       OVER (PARTITION BY set_name, person_id ORDER BY start_date, end_date
                             ROWS UNBOUNDED PRECEDING) AS episode
             FROM ordered

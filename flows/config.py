@@ -190,7 +190,7 @@ class Population(_Strict):
     require: list[CriterionSpec] = Field(default_factory=list)
     exclude: list[CriterionSpec] = Field(default_factory=list)
     indication: CriterionSpec | None = None
-    both_arms: Literal["remove", "first"] | None = None
+    both_arms: Literal["remove", "first", "keep"] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Population:
@@ -548,7 +548,8 @@ class StudyConfig(_Strict):
                                  ("indication", [population.indication]
                                   if population.indication else []))
             for c in listed)
-        both_arms = population.both_arms or ("remove" if kind == "active" else "first")
+        both_arms = population.both_arms or {"active": "remove", "other_candidates": "first",
+                                             "non_users": "keep"}[kind]
         return CohortDesign(
             concept_sets=sets,
             exposure_table=self.exposure_table,

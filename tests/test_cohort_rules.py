@@ -402,3 +402,83 @@ def test_overlapping_periods_and_time_zero_before_birth(tmp_path):
     assert any("before their year of birth" in w for w in result.warnings)
     _, cohort = prepare(tmp_path, folder, design(min_age=0))
     assert 2 not in members(cohort)
+
+
+# --- edge cases found in review ------------------------------------------------------------------
+
+def test_washout_zero_allows_the_other_drug_running_on_day_zero(tmp_path):
+    """1 is on C (started before observation, so no C new user) through T's day 0."""
+    eras = [era(1, T, "2012-01-01"), era(1, C, "2009-12-01", "2012-01-01"),
+            era(2, T, "2012-01-01"), era(3, C, "2012-03-01")]
+    folder = cdm(tmp_path / "cdm", [1, 2, 3], eras)
+    _, cohort = prepare(tmp_path, folder, design(washout_days=0))
+    assert {p for p, v in members(cohort).items() if v[0]} == {1, 2}
+    _, cohort = prepare(tmp_path, folder, design(washout_days=30))
+    assert {p for p, v in members(cohort).items() if v[0]} == {2}
+
+
+def test_episode_gap_of_exactly_gap_days_is_bridged(tmp_path):
+    """1: refills on consecutive days (no uncovered day); 2: exactly 30 uncovered days."""
+    eras = [era(1, T, "2012-01-01", "2012-01-30"), era(1, T, "2012-01-31", "2012-02-29"),
+            era(2, T, "2012-01-01", "2012-01-30"), era(2, T, "2012-03-01", "2012-03-30"),
+            era(3, C, "2012-01-01", "2012-01-31")]
+    folder = cdm(tmp_path / "cdm", [1, 2, 3], eras, [(1, OUT, d("2012-01-15"))])
+    on_treatment = dict(risk_end_anchor="exposure_end", risk_end_day=0)
+    _, cohort = prepare(tmp_path, folder, design(gap_days=0, **on_treatment))
+    assert members(cohort)[1][2] == d("2012-02-29")
+    assert members(cohort)[2][2] == d("2012-01-30")
+    _, cohort = prepare(tmp_path, folder, design(gap_days=30, **on_treatment))
+    assert members(cohort)[2][2] == d("2012-03-30")
+
+
+OTHERS = dict(comparisons=(("t", "other_candidates"), ("c", "other_candidates"),
+                           ("x", "other_candidates")),
+              comparator=ComparatorDef("other_candidates"), both_arms="first")
+
+
+def test_other_candidate_comparators_leave_when_they_start_the_candidate(tmp_path):
+    """2 starts C, then X six months later (an X entry failing washout): as a comparator in
+    x vs others, 2 is censored the day before X all the same. 3 starts T and X the same day
+    (as a combination product does): a new user of each, treated in both t vs others and x vs
+    others (never a comparator there: they had used the candidate by time zero)."""
+    eras = [era(1, X, "2012-01-01"), era(2, C, "2012-02-01", "2012-02-10"),
+            era(2, X, "2012-08-01"), era(3, T, "2012-03-01"), era(3, X, "2012-03-01"),
+            era(4, T, "2012-01-01")]
+    folder = cdm(tmp_path / "cdm", [1, 2, 3, 4], eras)
+    _, cohort = prepare(tmp_path, folder, design(**OTHERS))
+    x_vs_others = members(cohort, 3)
+    assert x_vs_others[2][:3] == (False, d("2012-02-01"), d("2012-07-31"))
+    assert members(cohort, 1)[3][0] and x_vs_others[3][0]
+    assert not members(cohort, 2)[3][0]  # in c vs others 3 is a comparator (never used C)
+
+
+def test_sampling_never_decides_who_is_treated(tmp_path):
+    """With a comparator cap, the treated arm is the same whatever the seed."""
+    eras = [era(p, T, "2012-06-01") for p in range(1, 9)] + [
+        era(p, C, "2012-01-01") for p in range(20, 40)] + [
+        era(p, C, "2011-06-01") for p in range(1, 5)]  # 1-4: C first, then T
+    folder = cdm(tmp_path / "cdm", [*range(1, 9), *range(20, 40)], eras)
+    treated = []
+    for seed in range(4):
+        _, cohort = prepare(tmp_path, folder, design(
+            comparisons=(("t", "other_candidates"), ("c", "other_candidates")),
+            comparator=ComparatorDef("other_candidates", max_ratio=1, seed=seed),
+            both_arms="first", washout_days=0))
+        treated.append({p for p, v in members(cohort, 1).items() if v[0]})
+    assert all(t == treated[0] for t in treated)
+    assert treated[0] == set(range(5, 9))  # 1-4 entered the comparator arm first
+
+
+def test_non_user_who_starts_later_is_in_both_arms_when_kept(tmp_path):
+    """both_arms keep (the non-user default): 5 is a non-user from 2012-01-01, censored the
+    day before starting T, and a treated person from then on."""
+    eras = [era(1, T, "2012-01-01"), era(5, T, "2013-01-01")]
+    folder = cdm(tmp_path / "cdm", [1, 3, 5], eras)
+    _, cohort = prepare(tmp_path, folder, design(
+        comparisons=(("t", "non_users"),), both_arms="keep",
+        comparator=ComparatorDef("non_users", max_ratio=10)))
+    rows = cohort[cohort["person_id"] == 5].sort_values("index_date")
+    if (rows["index_date"] == d("2012-01-01")).any():  # 5's drawn date (one of two dates)
+        first = rows.iloc[0]
+        assert (not first["treated"], first["risk_end"]) == (True, d("2012-12-31"))
+    assert rows["treated"].iloc[-1] and rows["index_date"].iloc[-1] == d("2013-01-01")
