@@ -375,6 +375,9 @@ class StudyConfig(_Strict):
     @classmethod
     def _names(cls, value: dict[str, ConceptSet]) -> dict[str, ConceptSet]:
         for name in value:
+            if name in ("other_candidates", "non_users"):
+                raise ValueError(f"concept-set name {name!r} is reserved (it names a comparator "
+                                 "kind)")
             if not CONCEPT_SET_NAME.fullmatch(name):
                 raise ValueError(
                     f"concept-set name {name!r} is not an identifier (a letter, then letters, "

@@ -133,6 +133,8 @@ BAD_FILES = [
     (GOOD + "population: {sex: [other]}\n", r"population\.sex\.0"),
     (GOOD + "population: {study_start: 2020-01-01, study_end: 2019-01-01}\n",
      r"study_end \(2019-01-01\) is before study_start"),
+    (GOOD.replace("  o: {include: [201]}", "  o: {include: [201]}\n  non_users: {include: [9]}"),
+     r"concept-set name 'non_users' is reserved"),
     (GOOD + "population: {both_arms: sometimes}\n",
      r"both_arms: Input should be 'remove', 'first' or 'keep'"),
     (GOOD + "positive_controls: {effect_sizes: [2]}\n",
