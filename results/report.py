@@ -14,7 +14,10 @@ from __future__ import annotations
 import html
 import json
 import math
+import multiprocessing
+import os
 import re
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +33,8 @@ ESTIMATE_COUNTS = ["n_treated", "n_comparator", "events_treated", "events_compar
 COUNT_WORDS = re.compile(
     r"(?<![\w.])(\d[\d,]*)(?=\s+(?:events?|persons?|people|patients?|subjects?|outcomes?|"
     r"cases?|users?|at risk)\b)|(?<=\bonly )(\d[\d,]*)(?![\w.])")
+KM_MAX_PANELS = 6       # Kaplan-Meier panels per comparison (the outcomes with most events)
+PARALLEL_FROM = 12      # comparisons from which sections are drawn in worker processes
 SUBSECTIONS = [("attrition", "Attrition"), ("ps", "Preference score"),
                ("balance", "Covariate balance"), ("calibration", "Empirical calibration"),
                ("km", "Kaplan-Meier curves"), ("diagnostics", "Diagnostics")]
@@ -217,11 +222,7 @@ def render(data: RunData) -> str:
     toc = "".join(
         f'<li><a href="#comparison-{cid}">{esc(t)} vs {esc(c)}</a></li>'
         for cid, t, c in comparisons)
-    body = [
-        _summary(data),
-        _ranking(data),
-        *(_comparison(data, cid, t, c) for cid, t, c in comparisons),
-    ]
+    body = [_summary(data), _ranking(data), *_comparison_sections(data, comparisons)]
     run = data.run
     title = f"cohortflow report: {esc(run['study'])}"
     return f"""<!doctype html>
@@ -355,6 +356,32 @@ def _forest_rows(data: RunData) -> pd.DataFrame:
         "calibrated": calibrated,
         "ok": est["status"] == "ok",
     }).sort_values(["outcome", "label"])
+
+
+_WORKER_DATA: RunData | None = None
+
+
+def _set_worker_data(data: RunData) -> None:
+    global _WORKER_DATA
+    _WORKER_DATA = data
+
+
+def _worker_section(comparison: tuple[int, str, str]) -> str:
+    assert _WORKER_DATA is not None
+    return _comparison(_WORKER_DATA, *comparison)
+
+
+def _comparison_sections(data: RunData, comparisons: list[tuple[int, str, str]]) -> list[str]:
+    """Each comparison's section; a screen's many figures are drawn in worker processes (spawned,
+    so safe inside a threaded flow), in order."""
+    workers = min(os.cpu_count() or 1, 4)
+    if len(comparisons) < PARALLEL_FROM or workers < 2:
+        return [_comparison(data, cid, t, c) for cid, t, c in comparisons]
+    with ProcessPoolExecutor(max_workers=workers,
+                             mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_set_worker_data, initargs=(data,)) as pool:
+        return list(pool.map(_worker_section, comparisons,
+                             chunksize=max(1, len(comparisons) // (4 * workers))))
 
 
 def _comparison(data: RunData, cid: int, treatment: str, comparator: str) -> str:
@@ -522,10 +549,21 @@ def _km(data: RunData, cid: int, labels: tuple[str, str], sid: str) -> str:
     if not interest:
         return _subsection(sid, "km", note("No outcomes of interest in this comparison."))
     km = data.km[data.km["comparison_id"] == cid]
-    panels = [(str(o), km[km["outcome"] == o]) for o in interest]
+    shown = interest
+    if len(interest) > KM_MAX_PANELS:  # a figure of dozens of panels is slow and unreadable
+        rows = data.estimates[(data.estimates["comparison_id"] == cid)
+                              & data.estimates["outcome"].isin(interest)]
+        events = (rows["events_treated"].fillna(0) + rows["events_comparator"].fillna(0)
+                  ).groupby(rows["outcome"]).max()
+        top = set(events.sort_values(ascending=False, kind="stable").index[:KM_MAX_PANELS])
+        shown = [o for o in interest if o in top]
+    panels = [(str(o), km[km["outcome"] == o]) for o in shown]
     png = plots.km_plot(panels, labels, sorted(set(km["adjustment"])) or ["crude"])
     text = ("Kaplan-Meier survival per outcome of interest; solid: IPTW-weighted, dashed: "
             "crude. Outcomes with no events in an arm show no curve for it.")
+    if len(shown) < len(interest):
+        text += (f" Shown: the {len(shown)} of {len(interest)} outcomes of interest with the "
+                 "most events; every outcome's curves are in the store's km_curves table.")
     return _subsection(sid, "km", figure(png, "Kaplan-Meier curves", "km") + note(text))
 
 

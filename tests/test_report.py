@@ -320,3 +320,24 @@ def test_report_renders_in_headless_chromium(which, request, tmp_path):
     assert pixels.shape[:2] == (4000, 1400)
     assert float(np.std(pixels)) > 0.05                          # not a blank page
     assert (pixels.reshape(-1, 3).min(axis=1) < 0.5).mean() > 0.01  # some ink on it
+
+
+def test_sections_drawn_in_worker_processes_match_the_sequential_ones(demo, monkeypatch):
+    """A screen's sections are drawn by spawned workers: the same HTML, in the same order."""
+    from results import report
+
+    data = report.load_run(demo["results"], demo["run"]["run_id"])
+    comparisons = report._comparisons(data)
+    sequential = report._comparison_sections(data, comparisons)
+    monkeypatch.setattr(report, "PARALLEL_FROM", 1)
+    monkeypatch.setattr(report.os, "cpu_count", lambda: 2)
+    assert report._comparison_sections(data, comparisons) == sequential
+
+
+def test_kaplan_meier_panels_are_capped_at_the_outcomes_with_most_events(demo, monkeypatch):
+    from results import report
+
+    data = report.load_run(demo["results"], demo["run"]["run_id"])
+    monkeypatch.setattr(report, "KM_MAX_PANELS", 2)
+    section = report._km(data, 1, ("a", "b"), "comparison-1")
+    assert "Shown: the 2 of 6 outcomes of interest with the most events" in section
