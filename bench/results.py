@@ -87,7 +87,8 @@ def reused_sections(out: Path = Path("data/bench")) -> list[tuple[str, Callable[
         from_json("accuracy.json"), from_json("accuracy_on_treatment.json"),
         lambda: cohorts.report(last("cohorts.jsonl", lambda r: r.get("persons") == 1_000_000
                                     and not r.get("label"))),
-        lambda: speed.markdown(last("speed.jsonl", lambda r: r.get("headline_persons"))),
+        lambda: speed.markdown(last("speed.jsonl", lambda r: r.get("headline_persons")
+                                    and r.get("baseline") and r.get("scaling_persons"))),
     ], strict=True))
 
 
@@ -114,8 +115,9 @@ def main(argv: list[str] | None = None) -> Path:
     for title, run in (reused_sections() if args.reuse else sections(size)):
         started = time.perf_counter()
         body = run()
-        parts.append(f"## {title}\n\n{body.strip()}\n\n_section took "
-                     f"{time.perf_counter() - started:.0f} s_\n")
+        took = "" if args.reuse else (f"\n\n_section took "
+                                      f"{time.perf_counter() - started:.0f} s_")
+        parts.append(f"## {title}\n\n{body.strip()}{took}\n")
         args.out.write_text("\n".join(parts))  # keep what is done if a later section fails
     print(f"{args.out}: written", flush=True)
     return args.out
