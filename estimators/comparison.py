@@ -19,6 +19,7 @@ estimate too (it could not contribute to the stratified likelihood).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -85,6 +86,7 @@ class ComparisonResult:
     propensity: dict = field(default_factory=dict)
     preference_histogram: list[dict] = field(default_factory=list)
     survival_curves: list[dict] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # time per stage, for the record
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,14 @@ def analyze_comparison(
                          f"{', '.join(KNOWN_ESTIMATORS)})")
     treated = np.asarray(treated).astype(np.int8)
     result = ComparisonResult()
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        result.seconds[stage] = round(result.seconds.get(stage, 0.0) + now - clock, 4)
+        clock = now
+
     adjustments: dict[str, _Adjustment | EstimationError] = {}
     arm_error = _empty_arm(treated)
     before = covariate_balance(X, treated) if X.shape[1] and arm_error is None else None
@@ -127,6 +137,7 @@ def analyze_comparison(
                                                     ess=_arm_ess(None, treated))
     ps_error: EstimationError | None = arm_error
     pref_equipoise = math.nan
+    lap("balance_before")
     if arm_error is None and any(e != "crude" for e in estimators):
         try:
             ps_fit = fit_propensity(X, treated, seed=seed)
@@ -136,6 +147,7 @@ def analyze_comparison(
             result.preference_histogram = _preference_histogram(ps_fit.ps, treated)
         except EstimationError as exc:
             ps_error = exc
+    lap("propensity")
     for name in estimators:
         if name == "crude":
             continue
@@ -160,11 +172,13 @@ def analyze_comparison(
                 "mean_comparator_after": after.mean_comparator,
                 "smd_after": after.smd,
             }
+    lap("adjustment")
     for outcome, data in outcomes.items():
         keep = ~data.prior if exclude_prior_outcome else np.ones(treated.shape[0], bool)
         if data.role == "outcome":
             result.survival_curves += _survival_curves(outcome, data, treated, keep,
                                                        adjustments.get("iptw"))
+            lap("km_curves")
         for name in estimators:
             adjustment = adjustments[name]
             row = _estimate(name, adjustment, data, treated, keep)
@@ -176,6 +190,7 @@ def analyze_comparison(
                 outcome, name, adjustment, row, smd_before, result.propensity.get("auc"),
                 result.propensity.get("c"), pref_equipoise, X.shape[1],
             ))
+        lap("outcome_models")
     return result
 
 

@@ -277,6 +277,7 @@ def analyze(study_file: str, workspace: str, comparison_id: int) -> dict:
     prepared = PreparedStudy.load(Path(workspace))
     outcomes = prepared.outcomes
     data = load_comparison(Path(workspace), comparison_id, list(outcomes["outcome_id"]))
+    loaded = time.perf_counter()
     inputs = {
         row.outcome: OutcomeInput(
             data.outcomes[row.outcome_id].time, data.outcomes[row.outcome_id].event,
@@ -299,7 +300,9 @@ def analyze(study_file: str, workspace: str, comparison_id: int) -> dict:
         "failed": sum(row["status"] != "ok" for row in result.estimates),
         "notes": notes,
         "worker": f"{platform.node()}:{os.getpid()}",
+        "stages": {"load": round(loaded - started, 4), **result.seconds},
     }
+    written = time.perf_counter()
     with _staged(workspace, comparison_id) as out:
         pd.DataFrame(result.estimates).assign(
             comparison_id=comparison_id, treatment=labels.treatment,
@@ -316,6 +319,7 @@ def analyze(study_file: str, workspace: str, comparison_id: int) -> dict:
                             ("km_curves", result.survival_curves)):
             pd.DataFrame(rows).assign(comparison_id=comparison_id).to_parquet(
                 out / f"{table}.parquet")
+        summary["stages"]["write"] = round(time.perf_counter() - written, 4)
         summary["seconds"] = round(time.perf_counter() - started, 3)
         (out / DONE_MARKER).write_text(json.dumps(summary, indent=1))
     return {**summary, "reused": False}
@@ -394,10 +398,14 @@ def finalize(
     study = load_study(study_file)
     prepared = PreparedStudy.load(paths.workspace)
     ids = [a["comparison_id"] for a in analyses]
+    clock = time.perf_counter()
     tables = {name: _gather(paths.workspace, name, ids) for name in RESULT_TABLES}
+    gathered = time.perf_counter()
     tables["estimates"], tables["diagnostics"] = assemble_evidence(
         tables["estimates"], tables["diagnostics"],
         Thresholds(**study.config.diagnostics.model_dump()))
+    finalize_stages = {"gather": round(gathered - clock, 3),
+                       "calibration_and_gates": round(time.perf_counter() - gathered, 3)}
     comparisons = prepared.comparisons.set_index("comparison_id")
     outcomes = prepared.outcomes.set_index("outcome")
     estimates = tables["estimates"]
@@ -415,7 +423,13 @@ def finalize(
     tables["attrition"] = attrition
     if prepared.screen is not None:  # the treatment screen's expansion, with its counts
         tables["screen"] = prepared.screen
+    analyze_stages: dict[str, float] = {}  # work summed over the comparisons run now
+    for analysis in analyses:
+        for stage, seconds in (analysis.get("stages") or {}).items():
+            if not analysis.get("reused"):
+                analyze_stages[stage] = round(analyze_stages.get(stage, 0.0) + seconds, 3)
     timings = {**timings, "prepare_stages": prepared_info["seconds"],
+               "analyze_stages": analyze_stages, "finalize_stages": finalize_stages,
                "comparisons": {str(a["comparison_id"]): a["seconds"] for a in analyses},
                "reused": sorted(a["comparison_id"] for a in analyses if a.get("reused")),
                "worker_processes": len({a["worker"] for a in analyses

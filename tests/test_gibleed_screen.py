@@ -85,3 +85,17 @@ def test_screen_runs_every_candidate_against_the_others(screen_run):
             assert steps[arm].is_monotonic_decreasing
     celecoxib = estimates.set_index("treatment").loc["celecoxib"]
     assert celecoxib["estimate"] > 1.3 and celecoxib["ci_low"] > 1  # GiBleed's planted signal
+
+
+def test_run_record_times_every_stage(screen_run):
+    import json
+
+    results, run_id = screen_run
+    with duckdb.connect(str(results), read_only=True) as con:
+        timings = json.loads(con.execute("SELECT timings FROM runs WHERE run_id = ?",
+                                         [run_id]).fetchone()[0])
+    assert {"screen", "cohorts", "covariates", "outcomes"} <= set(timings["prepare_stages"])
+    assert {"load", "propensity", "adjustment", "outcome_models", "km_curves", "write"} <= set(
+        timings["analyze_stages"])
+    assert all(value >= 0 for value in timings["analyze_stages"].values())
+    assert {"gather", "calibration_and_gates"} <= set(timings["finalize_stages"])
