@@ -922,8 +922,8 @@ def _unrecorded(result: dict) -> list[str]:
     if not entries:
         return []
     recorded = set(entries[0]["recorded_timings"])
-    wanted = {"read (preflight, fingerprint)": "read", "PS fits": "ps_fit",
-              "outcome models": "outcome_models", "calibration": "calibration",
+    wanted = {"read (preflight, fingerprint)": "read", "PS fits": "analyze_stages",
+              "outcome models": "analyze_stages", "calibration": "finalize_stages",
               "store write": "store", "finalize": "finalize", "report": "report"}
     return [label for label, key in wanted.items() if key not in recorded]
 
