@@ -5,8 +5,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pandas as pd
+
 from flows import pipeline
 from flows.config import load_study
+from results.store import open_store
+
+KEYS = ["treatment", "outcome", "estimator"]
+VALUES = ["estimate", "ci_low", "ci_high", "se", "p_value", "calibrated_estimate",
+          "events_treated", "events_comparator", "status"]
 
 
 def run_study_plain(study_file: Path, results: Path, data_dir: Path) -> dict:
@@ -18,3 +25,11 @@ def run_study_plain(study_file: Path, results: Path, data_dir: Path) -> dict:
     analyses = [pipeline.analyze(str(study_file), str(paths.workspace), cid)
                 for cid in prepared["comparison_ids"]]
     return pipeline.finalize(str(study_file), paths, prepared, analyses, started, {})
+
+
+def stored_estimates(store: Path, run_id: str | None = None) -> pd.DataFrame:
+    """A run's (or every run's) estimates in a stable order, the columns results compare on."""
+    with open_store(store, read_only=True) as con:
+        frame = con.execute(
+            "SELECT * FROM estimates WHERE ? IS NULL OR run_id = ?", [run_id, run_id]).df()
+    return frame.sort_values(KEYS).reset_index(drop=True)[KEYS + VALUES]

@@ -27,7 +27,8 @@ from flows import pipeline
 from flows.config import load_study
 from flows.runners import local_prefect_server, resolve_execution, stop_group
 from results.store import open_store
-from tests.plain_run import run_study_plain
+from tests.plain_run import KEYS, run_study_plain
+from tests.plain_run import stored_estimates as estimates
 from tests.store_watch import watch_while_writing
 
 ROOT = Path(__file__).parents[1]
@@ -48,9 +49,6 @@ outcomes: [outcome_1, outcome_4]
 negative_controls: [2000001201, 2000001202, 2000001203, 2000001204, 2000001205, 2000001206]
 follow_up: {start_day: 1}
 """
-KEYS = ["treatment", "outcome", "estimator"]
-VALUES = ["estimate", "ci_low", "ci_high", "se", "p_value", "calibrated_estimate",
-          "events_treated", "events_comparator", "status"]
 
 # `cohortflow ...` in a child process whose Nth comparison analysis SIGKILLs the process.
 CHILD = textwrap.dedent("""
@@ -96,11 +94,6 @@ def server(tmp_path_factory):
         yield url, env
 
 
-def estimates(store: Path, run_id: str | None = None) -> pd.DataFrame:
-    with open_store(store, read_only=True) as con:
-        frame = con.execute(
-            "SELECT * FROM estimates WHERE ? IS NULL OR run_id = ?", [run_id, run_id]).df()
-    return frame.sort_values(KEYS).reset_index(drop=True)[KEYS + VALUES]
 
 
 def runs(store: Path) -> pd.DataFrame:

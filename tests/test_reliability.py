@@ -25,6 +25,7 @@ import pytest
 from cohort.synthetic import generate_demo_cdm
 from results.store import open_store
 from tests.plain_run import run_study_plain
+from tests.plain_run import stored_estimates as estimates
 from tests.store_watch import watch_while_writing
 
 ROOT = Path(__file__).parents[1]
@@ -43,9 +44,6 @@ outcomes: [outcome_1, outcome_4]
 negative_controls: [2000001201, 2000001202, 2000001203, 2000001204, 2000001205, 2000001206]
 follow_up: {start_day: 1}
 """
-KEYS = ["treatment", "outcome", "estimator"]
-VALUES = ["estimate", "ci_low", "ci_high", "se", "p_value", "calibrated_estimate",
-          "events_treated", "events_comparator", "status"]
 
 # Runs the study in a child process; KILL_AT names a function to replace by a SIGKILL.
 CHILD = textwrap.dedent("""
@@ -81,11 +79,6 @@ def world(tmp_path_factory):
     return out, estimates(reference)
 
 
-def estimates(store: Path, run_id: str | None = None) -> pd.DataFrame:
-    with open_store(store, read_only=True) as con:
-        frame = con.execute(
-            "SELECT * FROM estimates WHERE ? IS NULL OR run_id = ?", [run_id, run_id]).df()
-    return frame.sort_values(KEYS).reset_index(drop=True)[KEYS + VALUES]
 
 
 def child(out: Path, store: Path, kill_at: str | None = None,
