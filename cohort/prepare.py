@@ -140,10 +140,9 @@ def prepare_study(source: RecordSource, design: CohortDesign, workspace: Path) -
     for frame, name_column, prefix in ((comparisons, "treatment", "treatment_"),
                                        (comparisons, "comparator", "comparator_"),
                                        (outcomes, "outcome", "")):
-        for label in ("codes", "names", "atc"):
-            mapped = frame[name_column].map(labels[label])
-            frame[f"{prefix}{label}"] = [v if isinstance(v, list | tuple) or hasattr(v, "size")
-                                         else [] for v in mapped]
+        for label in ("codes", "names", "atc"):  # comparator kinds and `death` have no set
+            lookup = labels[label].to_dict()
+            frame[f"{prefix}{label}"] = [lookup.get(name, []) for name in frame[name_column]]
     comparisons.to_parquet(workspace / "comparisons.parquet")
     outcomes.to_parquet(workspace / "outcomes.parquet")
     attrition.to_parquet(workspace / "attrition.parquet")
