@@ -470,15 +470,16 @@ def test_sampling_never_decides_who_is_treated(tmp_path):
 
 
 def test_non_user_who_starts_later_is_in_both_arms_when_kept(tmp_path):
-    """both_arms keep (the non-user default): 5 is a non-user from 2012-01-01, censored the
-    day before starting T, and a treated person from then on."""
+    """both_arms keep (the non-user default): 5, whose one visit (2012-06-01) is their time
+    zero as a non-user, is a comparator censored the day before starting T (2013-01-01) and a
+    treated person from then on."""
     eras = [era(1, T, "2012-01-01"), era(5, T, "2013-01-01")]
-    folder = cdm(tmp_path / "cdm", [1, 3, 5], eras)
+    visits = [(5, 9202, d("2012-06-01"), d("2012-06-01")),
+              (3, 9202, d("2012-03-01"), d("2012-03-01"))]
+    folder = cdm(tmp_path / "cdm", [1, 3, 5], eras, visit_occurrence=visits)
     _, cohort = prepare(tmp_path, folder, design(
         comparisons=(("t", "non_users"),), both_arms="keep",
-        comparator=ComparatorDef("non_users", max_ratio=10)))
+        comparator=ComparatorDef("non_users", index_rule="random_visit", max_ratio=10)))
     rows = cohort[cohort["person_id"] == 5].sort_values("index_date")
-    if (rows["index_date"] == d("2012-01-01")).any():  # 5's drawn date (one of two dates)
-        first = rows.iloc[0]
-        assert (not first["treated"], first["risk_end"]) == (True, d("2012-12-31"))
-    assert rows["treated"].iloc[-1] and rows["index_date"].iloc[-1] == d("2013-01-01")
+    assert [(bool(r.treated), r.index_date, r.risk_end) for r in rows.itertuples()] == [
+        (False, d("2012-06-01"), d("2012-12-31")), (True, d("2013-01-01"), d("2015-12-31"))]
