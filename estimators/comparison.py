@@ -179,9 +179,10 @@ def analyze_comparison(
             result.survival_curves += _survival_curves(outcome, data, treated, keep,
                                                        adjustments.get("iptw"))
             lap("km_curves")
+        kept = _Rows.of(keep, treated, data)
         for name in estimators:
             adjustment = adjustments[name]
-            row = _estimate(name, adjustment, data, treated, keep)
+            row = _estimate(name, adjustment, data, treated, kept)
             row.update(outcome=outcome, role=data.role, estimator=name,
                        true_effect_size=1.0 if data.role == "negative_control"
                        else data.true_effect_size)
@@ -262,22 +263,30 @@ def _preference_histogram(ps: np.ndarray, treated: np.ndarray) -> list[dict]:
 
 def _survival_curves(outcome: str, data: OutcomeInput, treated: np.ndarray, keep: np.ndarray,
                      iptw: _Adjustment | EstimationError | None) -> list[dict]:
-    """Kaplan-Meier curves per arm, unadjusted and IPTW-weighted, at most CURVE_POINTS each."""
+    """Kaplan-Meier curves per arm, unadjusted and IPTW-weighted, at most CURVE_POINTS each.
+
+    Each point carries the arm's (unweighted) persons still at risk, so that reports and exports
+    can end a curve where fewer than min_cell_count persons remain.
+    """
     rows = []
     weightings = [("crude", None)]
     if isinstance(iptw, _Adjustment):
         weightings.append(("iptw", iptw.weights))
-    for adjustment, weights in weightings:
-        for arm, name in ((1, "treated"), (0, "comparator")):
-            rows_arm = keep & (treated == arm)
-            if not data.event[rows_arm].any():
-                continue
+    for arm, name in ((1, "treated"), (0, "comparator")):
+        rows_arm = keep & (treated == arm)
+        if not data.event[rows_arm].any():
+            continue
+        times = np.sort(data.time[rows_arm])
+        for adjustment, weights in weightings:
             curve = weighted_km(data.time[rows_arm], data.event[rows_arm],
-                                None if weights is None else weights[rows_arm])
+                                None if weights is None else weights[rows_arm], variance=False)
             pick = np.unique(np.linspace(0, curve.time.size - 1, CURVE_POINTS).astype(int))
-            rows += [{"outcome": outcome, "adjustment": adjustment, "arm": name,
-                      "day": float(day), "survival": float(surv)}
-                     for day, surv in zip(curve.time[pick], curve.survival[pick], strict=True)]
+            days = curve.time[pick]
+            at_risk = times.size - np.searchsorted(times, days, side="left")
+            rows += [{"outcome": outcome, "adjustment": adjustment, "arm": name, "day": day,
+                      "survival": surv, "at_risk": n}
+                     for day, surv, n in zip(days.tolist(), curve.survival[pick].tolist(),
+                                             at_risk.tolist(), strict=True)]
     return rows
 
 
@@ -288,9 +297,34 @@ def _arm_ess(weights: np.ndarray | None, treated: np.ndarray) -> tuple[float, fl
     return effective_sample_size(weights[arm]), effective_sample_size(weights[~arm])
 
 
+@dataclass(frozen=True, eq=False)
+class _Rows:
+    """The persons an outcome's estimates use, with their arrays and counts (built once per
+    outcome and shared by the estimators that use the same persons)."""
+
+    keep: np.ndarray
+    treated: np.ndarray
+    time: np.ndarray
+    event: np.ndarray
+    counts: dict
+
+    @classmethod
+    def of(cls, keep: np.ndarray, treated: np.ndarray, data: OutcomeInput) -> _Rows:
+        t, time, event = treated[keep], data.time[keep], data.event[keep]
+        arm = t == 1
+        counts = {
+            "n_treated": int(arm.sum()), "n_comparator": int(arm.size - arm.sum()),
+            "events_treated": int(event[arm].sum()),
+            "events_comparator": int(event.sum() - event[arm].sum()),
+            "person_days_treated": int(time[arm].sum()),
+            "person_days_comparator": int(time[~arm].sum()),
+        }
+        return cls(keep, t, time, event, counts)
+
+
 def _estimate(
     name: str, adjustment: _Adjustment | EstimationError, data: OutcomeInput,
-    treated: np.ndarray, keep: np.ndarray,
+    treated: np.ndarray, kept: _Rows,
 ) -> dict:
     """One estimator on one outcome: the estimate row, or a failed row with the reason.
 
@@ -300,20 +334,12 @@ def _estimate(
     error = adjustment if isinstance(adjustment, EstimationError) else None
     if error is None and name == "ps_match":
         try:
-            keep = _matched_rows(adjustment.strata, treated, keep)
+            kept = _Rows.of(_matched_rows(adjustment.strata, treated, kept.keep), treated, data)
         except EstimationError as exc:
             error = exc
-            keep = keep & (adjustment.strata >= 0)
-    t, time, event = treated[keep], data.time[keep], data.event[keep]
-    arm = t == 1
-    row = {
-        "measure": "hr",
-        "n_treated": int(arm.sum()), "n_comparator": int((~arm).sum()),
-        "events_treated": int(event[arm].sum()), "events_comparator": int(event[~arm].sum()),
-        "person_days_treated": int(time[arm].sum()),
-        "person_days_comparator": int(time[~arm].sum()),
-        "status": "ok", "message": None,
-    }
+            kept = _Rows.of(kept.keep & (adjustment.strata >= 0), treated, data)
+    keep, t, time, event = kept.keep, kept.treated, kept.time, kept.event
+    row = {**kept.counts, "measure": "hr", "status": "ok", "message": None}
     try:
         if error is not None:
             raise error

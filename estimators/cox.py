@@ -152,7 +152,7 @@ def _binary(a: np.ndarray, name: str) -> np.ndarray:
     """Return a 0/1 int8 copy of `a`, or raise when it holds anything else."""
     if a.dtype == np.bool_:
         return a.astype(np.int8)
-    if a.dtype.kind not in "biuf" or not np.isin(a, (0, 1)).all():
+    if a.dtype.kind not in "biuf" or not ((a == 0) | (a == 1)).all():
         raise EstimationError(f"{name} must contain only 0/1 values")
     return a.astype(np.int8)
 
@@ -214,12 +214,20 @@ def _compress(
         cell_stratum = keep // nt
     else:
         cell_stratum = keys[keep] // nt
-    first = np.searchsorted(cell_stratum, cell_stratum, side="left")
-    nxt = np.searchsorted(cell_stratum, cell_stratum, side="right")
+    first, nxt = _stratum_bounds(cell_stratum)
     rc = np.zeros((len(keep) + 1, 2))
     rc[:-1] = np.cumsum(wsum[::-1], axis=0)[::-1]
     risk = rc[:-1] - rc[nxt]
     return _Cells(first=first, risk=risk, dw=dw, dn=dn, w2_event=w2_event, w2_cens=w2_cens)
+
+
+def _stratum_bounds(cell_stratum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per cell, the index of its stratum's first cell and one past its last (cells sorted)."""
+    m = cell_stratum.size
+    starts = np.flatnonzero(np.r_[True, cell_stratum[1:] != cell_stratum[:-1]])
+    ends = np.r_[starts[1:], m]
+    sizes = ends - starts
+    return np.repeat(starts, sizes), np.repeat(ends, sizes)
 
 
 def _check_estimable(cells: _Cells, x: np.ndarray, e: np.ndarray) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from scipy import stats
+from estimators.effect import z_quantile
 
 
 def mdrr(n_treated: int, n_comparator: int, events: int, *, alpha: float = 0.05,
@@ -14,6 +14,6 @@ def mdrr(n_treated: int, n_comparator: int, events: int, *, alpha: float = 0.05,
     if events <= 0 or n_treated <= 0 or n_comparator <= 0:
         return math.inf
     p_treated = n_treated / total
-    z_alpha = stats.norm.ppf(1 - alpha / 2)
-    z_beta = -stats.norm.ppf(1 - power)
+    z_alpha = z_quantile(1 - alpha)
+    z_beta = z_quantile(2 * power - 1)
     return math.exp(math.sqrt((z_beta + z_alpha) ** 2 / (events * p_treated * (1 - p_treated))))

@@ -11,6 +11,7 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -177,9 +178,10 @@ def _lambda_max(X, t: np.ndarray) -> float:
     return float(np.abs(grad).max()) / t.shape[0] if grad.size else 0.0
 
 
-def default_grid(X, treated: np.ndarray) -> np.ndarray:
+def default_grid(X, treated: np.ndarray, *, lambda_max: float | None = None) -> np.ndarray:
     """Per-sample penalties from lambda_max (all-zero model) down 4 decades, 3 per decade."""
-    lmax = _lambda_max(X, np.asarray(treated, dtype=np.float64))
+    lmax = (_lambda_max(X, np.asarray(treated, dtype=np.float64)) if lambda_max is None
+            else lambda_max)
     steps = DEFAULT_GRID_DECADES * DEFAULT_GRID_PER_DECADE
     return lmax * 10.0 ** (-np.arange(steps + 1) / DEFAULT_GRID_PER_DECADE)
 
@@ -208,6 +210,34 @@ def _sum_log_loss(y: np.ndarray, z: np.ndarray) -> float:
     return float(np.sum(np.logaddexp(0.0, z) - y * z))
 
 
+@dataclass(frozen=True, eq=False)
+class _Fold:
+    """One cross-validation split, with the penalty above which its model is intercept-only."""
+
+    X_train: sp.csr_matrix | np.ndarray
+    y_train: np.ndarray
+    X_test: sp.csr_matrix | np.ndarray
+    y_test: np.ndarray
+
+    @cached_property
+    def lambda_max(self) -> float:
+        return _lambda_max(self.X_train, self.y_train.astype(np.float64))
+
+    def held_out_loss(self, lam: float, seed: int) -> float:
+        """Summed test-fold log loss of the model fitted on the training rows at penalty lam.
+
+        At or above lambda_max every coefficient is zero, so the intercept-only model (the
+        training log odds) is the exact fit and no solver call is needed.
+        """
+        if lam >= self.lambda_max:
+            z = np.full(self.y_test.shape[0], logit(self.y_train.mean()))
+        else:
+            m = fit_l1_logistic(1.0 / (self.y_train.shape[0] * lam), seed, self.X_train,
+                                self.y_train)
+            z = _linear_predictor(self.X_test, m.coef_[0], m.intercept_[0])
+        return _sum_log_loss(self.y_test, z)
+
+
 def fit_propensity(
     X,
     treated: np.ndarray,
@@ -234,8 +264,13 @@ def fit_propensity(
     cv_idx = _stratified_subsample(t, max_cv_rows, rng)
     Xcv, tcv = (X, t) if cv_idx is None else (X[cv_idx], t[cv_idx])
     n_cv = tcv.shape[0]
+    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    folds = [
+        _Fold(Xcv[tr], tcv[tr], Xcv[te], tcv[te])
+        for tr, te in splitter.split(np.zeros((n_cv, 1)), tcv)
+    ]
     lambdas = (
-        default_grid(Xcv, tcv) if grid is None
+        default_grid(Xcv, tcv, lambda_max=max(f.lambda_max for f in folds)) if grid is None
         else np.sort(np.asarray(grid, dtype=np.float64))[::-1]
     )
     if lambdas.size == 0 or not np.all(np.isfinite(lambdas)) or np.any(lambdas < 0):
@@ -244,19 +279,10 @@ def fit_propensity(
     if X.shape[1] == 0 or lambdas.size == 0:
         return _null_fit(t, X.shape[1], n_cv)
 
-    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    folds = [
-        (Xcv[tr], tcv[tr], Xcv[te], tcv[te])
-        for tr, te in splitter.split(np.zeros((n_cv, 1)), tcv)
-    ]
     losses: list[float] = []
     best = 0
     for k, lam in enumerate(lambdas):
-        total = 0.0
-        for Xtr, ytr, Xte, yte in folds:
-            m = fit_l1_logistic(1.0 / (ytr.shape[0] * lam), seed, Xtr, ytr)
-            total += _sum_log_loss(yte, _linear_predictor(Xte, m.coef_[0], m.intercept_[0]))
-        losses.append(total / n_cv)
+        losses.append(sum(fold.held_out_loss(lam, seed) for fold in folds) / n_cv)
         if losses[k] < losses[best]:
             best = k
         elif k - best >= EARLY_STOP_AFTER:

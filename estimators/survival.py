@@ -17,7 +17,7 @@ import numpy as np
 
 from estimators.errors import EstimationError
 
-VarianceMethod = Literal["greenwood", "influence"]
+VarianceMethod = Literal["greenwood", "influence", "none"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,7 +50,7 @@ def _arrays(time, event, weights) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
         raise EstimationError("no persons to estimate a survival curve from")
     if not np.isfinite(t).all() or (t < 0).any():
         raise EstimationError("time must be finite and non-negative")
-    if not np.isin(e, (0, 1)).all():
+    if not ((e == 0) | (e == 1)).all():
         raise EstimationError("event must be binary (1 = event, 0 = censored)")
     e = e.astype(bool)
     if weights is None:
@@ -64,10 +64,11 @@ def _arrays(time, event, weights) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
     return t[keep], e[keep], w[keep]
 
 
-def weighted_km(time, event, weights=None) -> KMCurve:
+def weighted_km(time, event, weights=None, *, variance: bool = True) -> KMCurve:
     """Kaplan-Meier curve; with weights, counts are weighted and the variance is robust.
 
-    Without weights the variance is Greenwood's: S^2 sum d / (R (R - d)).
+    Without weights the variance is Greenwood's: S^2 sum d / (R (R - d)). With
+    variance=False the variance is left NaN (method "none"): curves drawn, not tested.
     """
     t, e, w = _arrays(time, event, weights)
     ones = np.ones_like(t) if w is None else w
@@ -81,10 +82,13 @@ def weighted_km(time, event, weights=None) -> KMCurve:
     surv = np.cumprod(1.0 - h)
     surv[surv < 1e-15] = 0.0
     left = R - d
-    if w is None:
+    if not variance:
+        var = np.full(surv.shape, np.nan)
+        method: VarianceMethod = "none"
+    elif w is None:
         terms = np.divide(d, R * left, out=np.zeros_like(d), where=left > 0)
         var = surv**2 * np.cumsum(terms)
-        method: VarianceMethod = "greenwood"
+        method = "greenwood"
     else:
         var = _influence_variance(t, e, w, times, R, d, surv)
         method = "influence"

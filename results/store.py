@@ -53,7 +53,7 @@ TABLES: dict[str, str] = {
         persons BIGINT""",
     "km_curves": """
         run_id VARCHAR, comparison_id INTEGER, outcome VARCHAR, adjustment VARCHAR,
-        arm VARCHAR, day DOUBLE, survival DOUBLE""",
+        arm VARCHAR, day DOUBLE, survival DOUBLE, at_risk BIGINT""",
     "screen": """
         run_id VARCHAR, ingredient_concept_id BIGINT, ingredient VARCHAR, set_name VARCHAR,
         exposed_persons BIGINT, eligible_new_users BIGINT, selected BOOLEAN""",

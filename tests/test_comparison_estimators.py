@@ -197,3 +197,24 @@ def test_the_study_file_accepts_the_new_estimators(tmp_path):
     path = tmp_path / "study.yaml"
     path.write_text(text)
     assert load_study(path).config.estimators == ALL
+
+
+def test_survival_curve_points_carry_the_arms_persons_at_risk():
+    """Each stored KM point says how many of its arm (prior-outcome persons excluded) are still
+    at risk on that day: the count reports and exports cut curves on."""
+    X, t, outcome = _study(n=5_000, seed=3)
+    result, _, _ = _run(X, t, outcome, seed=3, estimators=["crude", "iptw"])
+    curves = result.survival_curves
+    assert {(r["adjustment"], r["arm"]) for r in curves} == {
+        (a, arm) for a in ("crude", "iptw") for arm in ("treated", "comparator")}
+    keep = ~outcome.prior
+    for arm_name, arm in (("treated", 1), ("comparator", 0)):
+        times = outcome.time[keep & (t == arm)]
+        for adjustment in ("crude", "iptw"):
+            rows = [r for r in curves if r["arm"] == arm_name and r["adjustment"] == adjustment]
+            assert 1 < len(rows) <= comparison.CURVE_POINTS
+            days = np.array([r["day"] for r in rows])
+            at_risk = np.array([r["at_risk"] for r in rows])
+            np.testing.assert_array_equal(at_risk, [(times >= d).sum() for d in days])
+            assert (np.diff(at_risk) <= 0).all() and at_risk[0] <= times.size
+            assert (np.diff([r["survival"] for r in rows]) <= 0).all()
