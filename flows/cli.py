@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from cohort.source import SourceError
 from flows.config import StudyFileError, load_study
 from flows.serve import NoServerError
+from results.export import EXPORTS
 from results.store import StoreError
 
 if TYPE_CHECKING:
@@ -334,8 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write a table or view for sharing, small counts "
                                            "masked (.parquet, .csv or .json)")
-    export.add_argument("what", choices=("estimates", "diagnostics", "attrition", "rankings",
-                                         "triangulation", "meta_analysis", "screen"))
+    export.add_argument("what", choices=tuple(EXPORTS))
     export.add_argument("--out", required=True)
     export.add_argument("--study")
     export.add_argument("--results", type=Path, default=Path(DEFAULT_RESULTS))

@@ -21,10 +21,12 @@ EXPORTS = {
     "triangulation": "SELECT * FROM triangulation",
     "meta_analysis": "SELECT * FROM meta_analysis",
     "screen": "SELECT * FROM screen",
+    "ps_distribution": "SELECT * FROM ps_distribution",
+    "km_curves": "SELECT * FROM km_curves",
 }
 PERSON_COUNTS = ("n_treated", "n_comparator", "events_treated", "events_comparator",
                  "treated_persons", "comparator_persons", "persons", "exposed_persons",
-                 "eligible_new_users")
+                 "eligible_new_users", "at_risk")
 FORMATS = (".parquet", ".csv", ".json")
 
 
@@ -59,6 +61,10 @@ def _masked(frame: pd.DataFrame, cells: dict[str, int]) -> pd.DataFrame:
     if not counts or "run_id" not in frame:
         return frame
     smallest = min(cells.values(), default=0)
-    parts = [mask_counts(part, counts, cells.get(run_id, smallest))
-             for run_id, part in frame.groupby("run_id", sort=False)]
+    parts = []
+    for run_id, part in frame.groupby("run_id", sort=False):
+        mcc = cells.get(run_id, smallest)
+        if "at_risk" in part:  # a survival curve ends where fewer than mcc remain at risk
+            part = part[~(part["at_risk"] < mcc)]
+        parts.append(mask_counts(part, counts, mcc))
     return pd.concat(parts).sort_index() if parts else frame

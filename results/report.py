@@ -18,7 +18,7 @@ import multiprocessing
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,8 @@ COUNT_WORDS = re.compile(
     r"(?<![\w.])(\d[\d,]*)(?=\s+(?:events?|persons?|people|patients?|subjects?|outcomes?|"
     r"cases?|users?|at risk)\b)|(?<=\bonly )(\d[\d,]*)(?![\w.])")
 KM_MAX_PANELS = 6       # Kaplan-Meier panels per comparison (the outcomes with most events)
+FOREST_MAX_LINES = 60   # forest plot lines (outcome headers included) before it is subset
+FOREST_MIN_PER_OUTCOME = 3
 PARALLEL_FROM = 12      # comparisons from which sections are drawn in worker processes
 SUBSECTIONS = [("attrition", "Attrition"), ("ps", "Preference score"),
                ("balance", "Covariate balance"), ("calibration", "Empirical calibration"),
@@ -88,7 +90,8 @@ def load_run(results: Path, run_id: str) -> RunData:
             FROM balance WHERE run_id = ?""", [run_id]).df()
         ps = table("ps_distribution", "comparison_id, arm, bin_low")
         km = con.execute("""
-            SELECT k.comparison_id, k.outcome, k.adjustment, k.arm, k.day, k.survival
+            SELECT k.comparison_id, k.outcome, k.adjustment, k.arm, k.day, k.survival,
+                   k.at_risk
             FROM km_curves k WHERE k.run_id = ? AND k.outcome IN (
                 SELECT outcome FROM estimates WHERE run_id = ? AND role = 'outcome')
             ORDER BY 1, 2, 3, 4, 5""", [run_id, run_id]).df()
@@ -327,10 +330,24 @@ def _ranking(data: RunData) -> str:
         comparators = forest["comparator"].unique()
         title = (f"{primary} hazard ratios, calibrated where possible"
                  + (f" (vs {comparators[0]})" if len(comparators) == 1 else ""))
-        parts.append(figure(plots.forest_plot(forest, title), "forest plot", "forest"))
-        parts.append(note("Filled squares: calibrated HR; open squares: uncalibrated (too few "
-                          "negative controls). Grey: fails a diagnostic (not ranked). The "
-                          "dashed line is the null (HR 1)."))
+        shown = _forest_subset(forest)
+        parts.append(figure(plots.forest_plot(shown, title), "forest plot", "forest"))
+        text = ("Filled squares: calibrated HR; open squares: uncalibrated (too few negative "
+                "controls). Grey: fails a diagnostic (not ranked). The dashed line is the null "
+                "(HR 1).")
+        if len(shown) < len(forest):
+            text += (f" Shown: {len(shown)} of {len(forest)} estimates, per outcome those that "
+                     "pass the diagnostics, then the smallest p-values; every estimate is in the "
+                     "volcano plot below and in the store's estimates table.")
+        parts.append(note(text))
+        if len(shown) < len(forest):
+            parts.append(figure(plots.volcano_plot(forest, f"{primary}: every estimate of an "
+                                                   "outcome of interest"), "volcano plot",
+                                "volcano"))
+            parts.append(note("Each point is one candidate x outcome: hazard ratio (calibrated "
+                              "where possible) against its p-value; dark points pass every "
+                              "diagnostic, grey ones fail one. Points above the dotted line "
+                              "have p < 0.05."))
     parts.append("</section>")
     return "".join(parts)
 
@@ -355,33 +372,52 @@ def _forest_rows(data: RunData) -> pd.DataFrame:
         "passed": pd.Series(passed, index=est.index).fillna(False).astype(bool),
         "calibrated": calibrated,
         "ok": est["status"] == "ok",
+        "p": est["calibrated_p_value"].where(calibrated, est["p_value"]).astype(float),
     }).sort_values(["outcome", "label"])
 
 
-_WORKER_DATA: RunData | None = None
+def _forest_subset(rows: pd.DataFrame) -> pd.DataFrame:
+    """At most FOREST_MAX_LINES plotted lines: per outcome the passing estimates, then the
+    smallest p-values, so a screen's forest plot stays readable (the rest are in the volcano
+    plot and the store)."""
+    per_outcome = max(FOREST_MIN_PER_OUTCOME,
+                      FOREST_MAX_LINES // max(rows["outcome"].nunique(), 1) - 1)
+    if len(rows) + rows["outcome"].nunique() <= FOREST_MAX_LINES:
+        return rows
+    order = rows.assign(_fail=~rows["passed"], _p=rows["p"].fillna(2.0)).sort_values(
+        ["outcome", "_fail", "_p"], kind="stable")
+    keep = order.groupby("outcome", sort=False).head(per_outcome).index
+    return rows.loc[rows.index.isin(keep)]
 
 
-def _set_worker_data(data: RunData) -> None:
-    global _WORKER_DATA
-    _WORKER_DATA = data
+PER_COMPARISON = ("attrition", "diagnostics", "balance", "ps", "km", "estimates")
+"""RunData frames that a comparison's section reads only its own rows of."""
 
 
-def _worker_section(comparison: tuple[int, str, str]) -> str:
-    assert _WORKER_DATA is not None
-    return _comparison(_WORKER_DATA, *comparison)
+def _sliced(data: RunData, ids: list[int]) -> list[RunData]:
+    """Per comparison id, the run's data with only that comparison's rows (one pass each)."""
+    groups = {name: {int(cid): rows for cid, rows in getattr(data, name).groupby(
+        "comparison_id", sort=False)} for name in PER_COMPARISON}
+    empty = {name: getattr(data, name).iloc[:0] for name in PER_COMPARISON}
+    return [replace(data, **{name: groups[name].get(cid, empty[name])
+                             for name in PER_COMPARISON}) for cid in ids]
+
+
+def _section_task(task: tuple[RunData, int, str, str]) -> str:
+    return _comparison(*task)
 
 
 def _comparison_sections(data: RunData, comparisons: list[tuple[int, str, str]]) -> list[str]:
     """Each comparison's section; a screen's many figures are drawn in worker processes (spawned,
-    so safe inside a threaded flow), in order."""
+    so safe inside a threaded flow), in order, each sent only its comparison's rows."""
     workers = min(os.cpu_count() or 1, 4)
     if len(comparisons) < PARALLEL_FROM or workers < 2:
         return [_comparison(data, cid, t, c) for cid, t, c in comparisons]
+    sliced = _sliced(data, [cid for cid, _, _ in comparisons])
+    tasks = [(part, cid, t, c) for part, (cid, t, c) in zip(sliced, comparisons, strict=True)]
     with ProcessPoolExecutor(max_workers=workers,
-                             mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_set_worker_data, initargs=(data,)) as pool:
-        return list(pool.map(_worker_section, comparisons,
-                             chunksize=max(1, len(comparisons) // (4 * workers))))
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_section_task, tasks, chunksize=1))
 
 
 def _comparison(data: RunData, cid: int, treatment: str, comparator: str) -> str:
@@ -436,24 +472,62 @@ def _preference(data: RunData, cid: int, labels: tuple[str, str], sid: str) -> s
                if set(data.estimators) <= {"crude"} else
                "the propensity model could not be fitted for this comparison")
         return _subsection(sid, "ps", note(f"No preference-score distribution: {why}."))
+    mcc = data.min_cell_count
     arms = {arm: frame.sort_values("bin_low") for arm, frame in ps.groupby("arm")}
-    treated, comparator = arms.get("treated"), arms.get("comparator")
-    base = treated if treated is not None else comparator
-    zeros = np.zeros(len(base))
+    densities = []
+    for arm in ("treated", "comparator"):
+        rows = arms.get(arm)
+        if rows is None or rows["persons"].sum() < max(mcc, 1):
+            densities.append(None)
+            continue
+        edges = np.append(rows["bin_low"].to_numpy(float), rows["bin_high"].iloc[-1])
+        densities.append(merged_density(edges, rows["persons"].to_numpy(float), mcc))
     diag = data.diagnostics[data.diagnostics["comparison_id"] == cid]
     equipoise = diag["equipoise"].dropna()
     auc = diag["ps_auc"].dropna()
-    png = plots.preference_plot(
-        base["bin_low"].to_numpy(float), base["bin_high"].to_numpy(float),
-        treated["persons"].to_numpy(float) if treated is not None else zeros,
-        comparator["persons"].to_numpy(float) if comparator is not None else zeros,
-        labels, float(equipoise.iloc[0]) if len(equipoise) else None)
+    png = plots.preference_plot(densities[0], densities[1], labels,
+                                float(equipoise.iloc[0]) if len(equipoise) else None)
     text = (f"Preference score (the propensity score adjusted for the arms' sizes) of both "
             f"arms, as densities; PS model AUC {num(auc.iloc[0], 3) if len(auc) else '-'}, "
             f"equipoise (share of persons with preference 0.3-0.7) "
-            f"{num(equipoise.iloc[0], 3) if len(equipoise) else '-'}.")
+            f"{num(equipoise.iloc[0], 3) if len(equipoise) else '-'}. Neighbouring bins are "
+            f"merged until each bar holds at least {mcc} persons of its arm, so no small count "
+            "can be read off the plot.")
+    if any(d is None for d in densities):
+        text += f" An arm with fewer than {mcc} persons is not drawn."
     return _subsection(sid, "ps", figure(png, "preference score distribution", "ps")
                        + note(text))
+
+
+def merged_density(edges: np.ndarray, counts: np.ndarray,
+                   min_cell_count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram (edges, counts) re-binned so that every non-empty bar holds at least
+    min_cell_count persons; returns the new edges and densities (area 1 over the arm).
+
+    Consecutive bins are pooled from the left until the pool reaches the threshold; empty bins
+    outside a pool stay empty bars; a short pool at the right end joins the previous one.
+    """
+    bars: list[list[float]] = []  # [low, high, count]
+    open_pool: list[float] | None = None
+    for low, high, count in zip(edges[:-1], edges[1:], counts, strict=True):
+        if open_pool is None and count == 0:
+            bars.append([low, high, 0.0])
+            continue
+        if open_pool is None:
+            open_pool = [low, high, 0.0]
+            bars.append(open_pool)
+        open_pool[1], open_pool[2] = high, open_pool[2] + count
+        if open_pool[2] >= min_cell_count:
+            open_pool = None
+    if open_pool is not None:
+        earlier = [i for i, bar in enumerate(bars[:-1]) if bar[2] > 0]
+        if earlier:  # fold the short last pool (and empty bars before it) into the last pool
+            first = earlier[-1]
+            bars[first:] = [[bars[first][0], open_pool[1],
+                             sum(bar[2] for bar in bars[first:])]]
+    lows, highs, n = (np.array(column, dtype=float) for column in zip(*bars, strict=True))
+    total = n.sum()
+    return np.append(lows, highs[-1]), n / total / (highs - lows)
 
 
 def _arm_sizes(data: RunData, cid: int) -> tuple[float, float]:
@@ -549,6 +623,7 @@ def _km(data: RunData, cid: int, labels: tuple[str, str], sid: str) -> str:
     if not interest:
         return _subsection(sid, "km", note("No outcomes of interest in this comparison."))
     km = data.km[data.km["comparison_id"] == cid]
+    km = km[~(km["at_risk"] < data.min_cell_count)]  # unknown (older runs): drawn
     shown = interest
     if len(interest) > KM_MAX_PANELS:  # a figure of dozens of panels is slow and unreadable
         rows = data.estimates[(data.estimates["comparison_id"] == cid)
@@ -560,7 +635,8 @@ def _km(data: RunData, cid: int, labels: tuple[str, str], sid: str) -> str:
     panels = [(str(o), km[km["outcome"] == o]) for o in shown]
     png = plots.km_plot(panels, labels, sorted(set(km["adjustment"])) or ["crude"])
     text = ("Kaplan-Meier survival per outcome of interest; solid: IPTW-weighted, dashed: "
-            "crude. Outcomes with no events in an arm show no curve for it.")
+            "crude. Outcomes with no events in an arm show no curve for it; each curve ends "
+            f"where fewer than {data.min_cell_count} persons of its arm remain at risk.")
     if len(shown) < len(interest):
         text += (f" Shown: the {len(shown)} of {len(interest)} outcomes of interest with the "
                  "most events; every outcome's curves are in the store's km_curves table.")

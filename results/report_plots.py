@@ -98,6 +98,34 @@ def forest_plot(rows: pd.DataFrame, title: str) -> str:
         return _png(fig)
 
 
+def volcano_plot(rows: pd.DataFrame, title: str) -> str:
+    """Rows (hr, p, passed, ok): log hazard ratio against -log10 p, one point per estimate."""
+    with mpl.rc_context(RC):
+        fig = _figure(7.0, 4.0)
+        ax = fig.add_axes((0.1, 0.13, 0.62, 0.77))
+        ok = rows[rows["ok"] & np.isfinite(rows["hr"]) & (rows["hr"] > 0)
+                  & np.isfinite(rows["p"])]
+        p = np.clip(ok["p"].to_numpy(dtype=float), 1e-300, 1.0)
+        hr = ok["hr"].to_numpy(dtype=float)
+        low = max(0.1, min(0.5, float(hr.min()) if hr.size else 0.5) / 1.3)
+        high = min(10.0, max(2.0, float(hr.max()) if hr.size else 2.0) * 1.3)
+        for passed, color, label in ((False, FAILED, "fails a diagnostic"),
+                                     (True, PASSED, "passes every diagnostic")):
+            pick = (ok["passed"] == passed).to_numpy()
+            ax.scatter(np.clip(hr[pick], low, high), -np.log10(p[pick]), s=9, color=color,
+                       alpha=0.6 if not passed else 0.9, linewidths=0,
+                       label=f"{label} ({int(pick.sum()):,})")
+        ax.axvline(1.0, color="black", lw=0.8, ls="--")
+        ax.axhline(-math.log10(0.05), color="black", lw=0.6, ls=":")
+        _hr_axis(ax, low, high)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("hazard ratio (log scale; outside the axis: drawn at its edge)")
+        ax.set_ylabel("-log10 p")
+        ax.set_title(title, loc="left")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        return _png(fig)
+
+
 def attrition_plot(steps: Sequence[str], treated: Sequence[float],
                    comparator: Sequence[float], min_cell_count: int,
                    labels: tuple[str, str]) -> str:
@@ -130,21 +158,20 @@ def attrition_plot(steps: Sequence[str], treated: Sequence[float],
         return _png(fig)
 
 
-def preference_plot(bin_low: np.ndarray, bin_high: np.ndarray, treated: np.ndarray,
-                    comparator: np.ndarray, labels: tuple[str, str],
+def preference_plot(treated: tuple[np.ndarray, np.ndarray] | None,
+                    comparator: tuple[np.ndarray, np.ndarray] | None, labels: tuple[str, str],
                     equipoise: float | None) -> str:
-    """Preference-score densities of both arms with the 0.3-0.7 equipoise band shaded."""
+    """Preference-score densities of both arms, each (edges, density) or None (not drawn),
+    with the 0.3-0.7 equipoise band shaded."""
     with mpl.rc_context(RC):
         fig = _figure(6.2, 3.2)
         ax = fig.add_axes((0.1, 0.15, 0.62, 0.75))
         ax.axvspan(0.3, 0.7, color="#e0e0e0", zorder=0, label="equipoise 0.3-0.7")
-        width = np.asarray(bin_high) - np.asarray(bin_low)
-        edges = np.append(bin_low, bin_high[-1])
-        for counts, label, color in ((treated, labels[0], TREATED),
-                                     (comparator, labels[1], COMPARATOR)):
-            counts = np.asarray(counts, dtype=float)
-            total = counts.sum()
-            density = counts / total / width if total > 0 else counts * 0
+        for arm, label, color in ((treated, labels[0], TREATED),
+                                  (comparator, labels[1], COMPARATOR)):
+            if arm is None:
+                continue
+            edges, density = arm
             ax.stairs(density, edges, fill=True, color=color, alpha=0.35)
             ax.stairs(density, edges, color=color, lw=1.2, label=label)
         ax.set_xlim(0, 1)

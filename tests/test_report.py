@@ -341,3 +341,111 @@ def test_kaplan_meier_panels_are_capped_at_the_outcomes_with_most_events(demo, m
     monkeypatch.setattr(report, "KM_MAX_PANELS", 2)
     section = report._km(data, 1, ("a", "b"), "comparison-1")
     assert "Shown: the 2 of 6 outcomes of interest with the most events" in section
+
+
+@pytest.mark.parametrize("counts, mcc", [
+    ([0, 1, 2, 3, 0, 0, 10, 1, 0, 2], 5),
+    ([7, 0, 0, 0, 0, 0, 0, 0, 0, 4], 5),
+    ([1] * 10, 3),
+    ([0, 0, 40, 0, 0], 5),
+    ([2, 2, 2], 0),
+])
+def test_preference_bars_each_hold_at_least_min_cell_count_persons(counts, mcc):
+    from results.report import merged_density
+
+    counts = np.asarray(counts, dtype=float)
+    edges = np.linspace(0.0, 1.0, counts.size + 1)
+    new_edges, density = merged_density(edges, counts, mcc)
+    persons = density * np.diff(new_edges) * counts.sum()
+    assert np.isclose((density * np.diff(new_edges)).sum(), 1.0)   # a density over the arm
+    assert np.allclose(persons[persons > 1e-9], np.round(persons[persons > 1e-9]))
+    assert (persons[persons > 1e-9] >= mcc - 1e-9).all()            # no small bar to read
+    assert set(new_edges) <= set(edges) and new_edges[0] == 0 and new_edges[-1] == 1
+    if mcc <= 1:
+        assert np.allclose(persons, counts)                          # nothing to merge
+
+
+def test_plotted_curves_and_preference_bars_hide_small_counts(demo, monkeypatch):
+    """What reaches the plots: KM points with at least min_cell_count at risk, preference bars
+    of at least min_cell_count persons; the store keeps the exact curves."""
+    from results import report
+
+    data = report.load_run(demo["results"], demo["run"]["run_id"])
+    mcc = 400
+    data.min_cell_count = mcc
+    small = data.km[data.km["at_risk"] < mcc]
+    assert len(small) > 0 and data.km["at_risk"].notna().all()
+    panels_seen, bars_seen = [], []
+    monkeypatch.setattr(report.plots, "km_plot",
+                        lambda panels, *a: panels_seen.extend(panels) or "")
+    monkeypatch.setattr(report.plots, "preference_plot",
+                        lambda t, c, *a: bars_seen.extend([t, c]) or "")
+    for cid, _, _ in report._comparisons(data):
+        report._km(data, cid, ("a", "b"), "x")
+        report._preference(data, cid, ("a", "b"), "x")
+    plotted = [curves for _, curves in panels_seen if len(curves)]
+    assert plotted and all((curves["at_risk"] >= mcc).all() for curves in plotted)
+    sizes = data.ps.groupby(["comparison_id", "arm"])["persons"].sum()
+    arms = [(cid, arm) for cid, _, _ in report._comparisons(data)
+            for arm in ("treated", "comparator")]
+    assert len(bars_seen) == len(arms)
+    for key, bars in zip(arms, bars_seen, strict=True):
+        assert (bars is None) == (sizes[key] < mcc)
+        if bars is not None:
+            edges, density = bars
+            persons = density * np.diff(edges) * sizes[key]
+            assert (persons[persons > 1e-6] >= mcc - 1e-6).all()
+    assert any(bars is not None for bars in bars_seen)
+
+
+def test_curve_and_histogram_exports_leave_out_small_counts(demo, tmp_path):
+    """The demo run with its min_cell_count raised to the median number at risk: curves are
+    cut there and histogram bins below it masked."""
+    import json
+
+    import pandas as pd
+
+    from flows.cli import main
+
+    results = tmp_path / "results.duckdb"
+    shutil.copy(demo["results"], results)
+    with duckdb.connect(str(results)) as con:
+        mcc = int(con.execute("SELECT median(at_risk) FROM km_curves").fetchone()[0])
+        config = json.loads(con.execute("SELECT config_json FROM runs").fetchone()[0])
+        con.execute("UPDATE runs SET config_json = ?",
+                    [json.dumps({**config, "min_cell_count": mcc})])
+        stored = con.execute("SELECT count(*), count(*) FILTER (at_risk < ?) FROM km_curves",
+                             [mcc]).fetchone()
+        small_bins = con.execute("SELECT count(*) FROM ps_distribution "
+                                 "WHERE persons BETWEEN 1 AND ?", [mcc - 1]).fetchone()[0]
+    assert 0 < stored[1] < stored[0] and small_bins > 0
+    curves, bins = tmp_path / "km.parquet", tmp_path / "ps.csv"
+    assert main(["export", "km_curves", "--out", str(curves), "--results", str(results)]) == 0
+    assert main(["export", "ps_distribution", "--out", str(bins),
+                 "--results", str(results)]) == 0
+    exported = pd.read_parquet(curves)
+    assert len(exported) == stored[0] - stored[1]
+    assert (exported["at_risk"].astype(int) >= mcc).all()
+    persons = pd.read_csv(bins)["persons"].astype(str)
+    assert (persons == f"<{mcc}").sum() == small_bins
+
+
+def test_a_screen_forest_plot_is_subset_and_every_estimate_goes_to_a_volcano(demo,
+                                                                             monkeypatch):
+    from results import report
+
+    data = report.load_run(demo["results"], demo["run"]["run_id"])
+    forest = report._forest_rows(data)
+    monkeypatch.setattr(report, "FOREST_MAX_LINES", 12)
+    shown = report._forest_subset(forest)
+    outcomes = forest["outcome"].nunique()
+    per_outcome = max(report.FOREST_MIN_PER_OUTCOME, 12 // outcomes - 1)
+    assert (shown.groupby("outcome").size() <= per_outcome).all()
+    for outcome, rows in forest.groupby("outcome"):   # passing first, then smallest p
+        kept = shown[shown["outcome"] == outcome]
+        rest = rows.drop(kept.index)
+        if (~kept["passed"]).any():
+            assert rest["passed"].sum() == 0
+            assert rest["p"].min() >= kept.loc[~kept["passed"], "p"].max()
+    section = report._ranking(data)
+    assert 'data-figure="volcano"' in section and f"of {len(forest)} estimates" in section
