@@ -206,6 +206,32 @@ def test_every_documented_key_is_known():
     assert documented == set(StudyConfig.model_fields)
 
 
+def _schema_keys(schema: dict, defs: dict, prefix: str = "") -> list[str]:
+    """Every property path of a JSON Schema, nested objects included (a.b.c)."""
+    keys = []
+    for name, spec in schema.get("properties", {}).items():
+        keys.append(prefix + name)
+        refs = [spec.get("$ref")] + [alt.get("$ref") for alt in spec.get("anyOf", [])]
+        for ref in filter(None, refs):
+            keys += _schema_keys(defs[ref.split("/")[-1]], defs, f"{prefix}{name}.")
+    return keys
+
+
+def test_readme_study_file_reference_names_every_key():
+    """Every key of the study file, nested ones included, is in the README's reference."""
+    import re
+
+    from flows.config import StudyConfig
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## The study file"):readme.index("## The cohort engine")]
+    schema = StudyConfig.model_json_schema()
+    keys = _schema_keys(schema, schema.get("$defs", {}))
+    assert len(keys) > 60
+    missing = [k for k in keys if not re.search(rf"\b{k.split('.')[-1]}\b", section)]
+    assert missing == []
+
+
 def test_schema_command_prints_the_study_file_schema(capsys):
     import json
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 import time
@@ -134,3 +135,20 @@ def test_readers_get_no_file_or_network_access(tmp_path, capsys):
         assert main(["query", sql, "--results", str(path)]) == 2, sql
         assert capsys.readouterr().err.count("\n") == 1
     assert not leak.exists()
+
+
+def test_readme_documents_every_store_table_and_column(tmp_path):
+    """The README's result-store reference names every table, view and column a store has."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## The result store\n"):readme.index("## Orchestration\n")]
+    documented = set(re.findall(r"`([a-z_0-9]+)`", section))
+    with open_store(tmp_path / "r.duckdb") as con:
+        relations = [r[0] for r in con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_name <> 'schema_info'"
+        ).fetchall()]
+        missing = {f"{rel}.{column}" for rel in relations
+                   for (column, *_rest) in con.execute(f"DESCRIBE {rel}").fetchall()
+                   if column not in documented}
+    assert set(relations) >= {"runs", "estimates", "km_curves", "rankings", "triangulation"}
+    assert set(relations) <= documented
+    assert missing == set()
