@@ -36,6 +36,18 @@ def set_domains(source: RecordSource, set_names: list[str]) -> dict[str, list[st
     return {name: found.get(name, []) for name in set_names}
 
 
+def record_end_sql(source: RecordSource, table: str, start: str, end: str) -> str:
+    """SQL for a record's end date (alias r): its end, else for drug exposures start +
+    days_supply, else the day after start (OHDSI's drug-era convention); never before start."""
+    fallbacks = [f"r.{end}"]
+    if table == "drug_exposure":
+        if "days_supply" in source.tables.get("drug_exposure", []):
+            fallbacks.append(f"r.{start} + try_cast(r.days_supply AS INTEGER)")
+        fallbacks.append(f"r.{start} + 1")
+    fallbacks.append(f"r.{start}")
+    return f"greatest(coalesce({', '.join(fallbacks)}), r.{start})"
+
+
 def concept_set_events(source: RecordSource, set_names: list[str], what: str) -> str:
     """SQL for (set_name, person_id, start_date, end_date) of the sets' records.
 
@@ -60,7 +72,7 @@ def concept_set_events(source: RecordSource, set_names: list[str], what: str) ->
                                           "drug_era_end_date")
         if not source.has_rows(table):
             continue
-        end_sql = f"greatest(coalesce(r.{end}, r.{start}), r.{start})" if end else f"r.{start}"
+        end_sql = record_end_sql(source, table, start, end) if end else f"r.{start}"
         parts.append(f"""
             SELECT cs.set_name, r.person_id, r.{start} AS start_date, {end_sql} AS end_date
             FROM {table} r JOIN cf_concept_set cs ON cs.concept_id = r.{concept}

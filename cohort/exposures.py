@@ -10,6 +10,7 @@ most `gap_days` days form one episode (on-treatment persistence).
 from __future__ import annotations
 
 from cohort.design import CohortDesign
+from cohort.events import record_end_sql
 from cohort.source import RecordSource
 
 EXPOSURE_COLUMNS = {
@@ -30,13 +31,13 @@ def build_exposures(source: RecordSource, design: CohortDesign, arm_sets: list[s
     table, concept_col, start_col, end_col = EXPOSURE_COLUMNS[design.exposure_table]
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE cf_exposure AS
-        SELECT cs.set_name, e.person_id,
-               e.{start_col} AS start_date,
-               greatest(coalesce(e.{end_col}, e.{start_col}), e.{start_col}) AS end_date
-        FROM {table} e
-        JOIN cf_concept_set cs ON e.{concept_col} = cs.concept_id
+        SELECT cs.set_name, r.person_id,
+               r.{start_col} AS start_date,
+               {record_end_sql(source, table, start_col, end_col)} AS end_date
+        FROM {table} r
+        JOIN cf_concept_set cs ON r.{concept_col} = cs.concept_id
         WHERE cs.set_name IN (SELECT unnest($sets))
-          AND e.person_id IS NOT NULL AND e.{start_col} IS NOT NULL
+          AND r.person_id IS NOT NULL AND r.{start_col} IS NOT NULL
     """, {"sets": arm_sets})
     if not needs_episodes(design):
         con.execute("""
