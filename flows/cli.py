@@ -103,6 +103,23 @@ def _prefect_api(runner: str, quiet: bool) -> Iterator[None]:
             os.environ.pop("PREFECT_API_URL", None)
 
 
+SUMMARY_ROWS = 30
+"""Rows of the end-of-run summary tables before a screen's are cut to the best ones."""
+
+
+def _strongest_rows(wide: pd.DataFrame, summary: pd.DataFrame, primary: str) -> pd.DataFrame:
+    """Per outcome, at most SUMMARY_ROWS / outcomes rows of the summary table (at least 3):
+    ranked ones first, then the smallest p-values of the primary estimator; order kept."""
+    keys = ["treatment", "comparator", "outcome"]
+    p_value = summary[summary["estimator"] == primary].set_index(keys)["p_value"]
+    per_outcome = max(3, SUMMARY_ROWS // max(wide["outcome"].nunique(), 1))
+    order = wide.assign(_unranked=wide["rank"].isna(),
+                        _p=wide.set_index(keys).index.map(p_value).astype(float))
+    pick = (order.sort_values(["outcome", "_unranked", "_p"], na_position="last")
+            .groupby("outcome", sort=False).head(per_outcome).index)
+    return wide.loc[wide.index.isin(pick)]
+
+
 def _print_summary(run: dict, args: argparse.Namespace, extra: Callable | None = None) -> None:
     from results.summary import calibration_summary, run_summary, wide_summary
 
@@ -118,12 +135,22 @@ def _print_summary(run: dict, args: argparse.Namespace, extra: Callable | None =
     print(f"\nrun {run['run_id']}: {run['n_comparisons']} comparison(s), "
           f"{run['n_estimates']} estimates ({run['n_estimates_failed']} failed) "
           f"in {seconds:.0f} s")
-    print(wide.to_string(index=False))
     primary = "iptw" if "iptw" in study.config.estimators else study.config.estimators[0]
+    if len(wide) > SUMMARY_ROWS:  # a screen: per outcome the ranked, then the smallest p
+        shown = _strongest_rows(wide, summary, primary)
+        print(shown.to_string(index=False))
+        print(f"... {len(shown)} of {len(wide)} rows (per outcome the ranked candidates, then "
+              f"the smallest {primary} p-values); every row: cohortflow rank, cohortflow export "
+              "estimates, the report")
+    else:
+        print(wide.to_string(index=False))
     nulls = calibration_summary(Path(args.results), run["run_id"], primary)
     if len(nulls) and nulls["negative_controls"].max() > 0:
         print(f"\nsystematic error ({primary}), from the negative controls:")
-        print(nulls.drop(columns=["note"]).to_string(index=False))
+        print(nulls.drop(columns=["note"]).head(SUMMARY_ROWS).to_string(index=False))
+        if len(nulls) > SUMMARY_ROWS:
+            print(f"... {SUMMARY_ROWS} of {len(nulls)} comparisons; every one: the diagnostics "
+                  "table (null_mean, null_sd, ease)")
     if run.get("report"):
         print(f"\nreport: {run['report']}")
     print(f"\nresults: {args.results}  (cohortflow rank --results {args.results}; "

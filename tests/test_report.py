@@ -310,16 +310,20 @@ def test_report_renders_in_headless_chromium(which, request, tmp_path):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     shot = SCREENSHOTS / f"{which}.png"
     shot.unlink(missing_ok=True)
-    taken = subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1400,4000", url],
+    # tall enough for the summary, the ranking and every section of the first comparison
+    taken = subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1400,9000", url],
                            capture_output=True, text=True, timeout=180)
     assert taken.returncode == 0, taken.stderr[-2000:]
     assert shot.exists() and shot.stat().st_size > 20_000
     import matplotlib.image
 
     pixels = matplotlib.image.imread(shot)[..., :3]
-    assert pixels.shape[:2] == (4000, 1400)
+    assert pixels.shape[:2] == (9000, 1400)
     assert float(np.std(pixels)) > 0.05                          # not a blank page
-    assert (pixels.reshape(-1, 3).min(axis=1) < 0.5).mean() > 0.01  # some ink on it
+    ink = (pixels.min(axis=2) < 0.5).mean(axis=1)                # per row of pixels
+    assert ink[:4000].mean() > 0.01
+    if which == "demo":  # 4 comparisons: the first one's later sections fill the lower part
+        assert all(band.mean() > 0.003 for band in np.array_split(ink, 6))
 
 
 def test_sections_drawn_in_worker_processes_match_the_sequential_ones(demo, monkeypatch):

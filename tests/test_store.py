@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -152,3 +153,27 @@ def test_readme_documents_every_store_table_and_column(tmp_path):
     assert set(relations) >= {"runs", "estimates", "km_curves", "rankings", "triangulation"}
     assert set(relations) <= documented
     assert missing == set()
+
+
+def test_a_screens_end_of_run_summary_shows_the_ranked_then_the_strongest_rows():
+    from flows.cli import SUMMARY_ROWS, _strongest_rows
+
+    rng = np.random.default_rng(0)
+    rows = [(f"drug_{i:02d}", "comparator", outcome, rng.random(), i % 9 == 0)
+            for outcome in ("o1", "o2") for i in range(40)]
+    summary = pd.DataFrame(rows, columns=["treatment", "comparator", "outcome", "p_value",
+                                          "ranked"]).assign(estimator="iptw")
+    wide = summary.assign(rank=np.where(summary["ranked"], 1.0, np.nan)).drop(
+        columns=["p_value", "ranked", "estimator"]).sample(frac=1.0, random_state=1)
+    shown = _strongest_rows(wide, pd.concat([summary, summary.assign(estimator="crude",
+                                                                     p_value=0.0)]), "iptw")
+    per_outcome = SUMMARY_ROWS // 2
+    assert list(shown.index) == [i for i in wide.index if i in set(shown.index)]  # order kept
+    for outcome in ("o1", "o2"):
+        mine = summary[summary["outcome"] == outcome]
+        picked = set(shown.loc[shown["outcome"] == outcome, "treatment"])
+        assert len(picked) == per_outcome
+        assert set(mine.loc[mine["ranked"], "treatment"]) <= picked
+        unranked = mine[~mine["ranked"]]
+        cut = unranked[unranked["treatment"].isin(picked)]["p_value"].max()
+        assert (unranked[~unranked["treatment"].isin(picked)]["p_value"] >= cut).all()
