@@ -188,8 +188,8 @@ def analyze_comparison(
                        else data.true_effect_size)
             result.estimates.append(row)
             result.diagnostics.append(_diagnostics(
-                outcome, name, adjustment, row, smd_before, result.propensity.get("auc"),
-                result.propensity.get("c"), pref_equipoise, X.shape[1],
+                outcome, name, adjustment, row, smd_before, result.propensity.get("auc", math.nan),
+                result.propensity.get("c", math.nan), pref_equipoise, X.shape[1],
             ))
         lap("outcome_models")
     return result
@@ -339,7 +339,7 @@ def _estimate(
             error = exc
             kept = _Rows.of(kept.keep & (adjustment.strata >= 0), treated, data)
     keep, t, time, event = kept.keep, kept.treated, kept.time, kept.event
-    row = {**kept.counts, "measure": "hr", "status": "ok", "message": None}
+    row = {**kept.counts, "measure": "hr", **NO_EFFECT, "status": "ok", "message": None}
     try:
         if error is not None:
             raise error
@@ -360,6 +360,11 @@ def _estimate(
     return row
 
 
+NO_EFFECT = {"estimand": None, "estimate": math.nan, "ci_low": math.nan, "ci_high": math.nan,
+             "se": math.nan, "p_value": math.nan}
+"""The effect columns of a failed row: every row has the same columns, whatever failed."""
+
+
 def _effect_columns(effect: EffectEstimate) -> dict:
     return {
         "estimand": effect.estimand, "estimate": effect.estimate, "ci_low": effect.ci_low,
@@ -369,7 +374,7 @@ def _effect_columns(effect: EffectEstimate) -> dict:
 
 def _diagnostics(
     outcome: str, name: str, adjustment: _Adjustment | EstimationError, row: dict,
-    smd_before: float, auc: float | None, c: float | None, pref_equipoise: float,
+    smd_before: float, auc: float, c: float, pref_equipoise: float,
     n_covariates: int,
 ) -> dict:
     events = row["events_treated"] + row["events_comparator"]

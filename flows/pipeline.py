@@ -340,7 +340,8 @@ def record_failure(study_file: str, workspace: str, comparison_id: int, message:
                "notes": [f"comparison {comparison_id} ({labels.treatment} vs "
                          f"{labels.comparator}) failed: {message}"]}
     with _staged(workspace, comparison_id) as out:
-        pd.DataFrame(rows).to_parquet(out / "estimates.parquet")
+        pd.DataFrame(rows).astype({"true_effect_size": "float64"}).to_parquet(
+            out / "estimates.parquet")
         (out / FAILED_MARKER).write_text(json.dumps(summary, indent=1))
     return {**summary, "reused": False}
 

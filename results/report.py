@@ -269,7 +269,7 @@ def _summary(data: RunData) -> str:
     verdicts = data.diagnostics.set_index(["comparison_id", "outcome", "estimator"])["passed"]
     passed = interest.set_index(["comparison_id", "outcome", "estimator"]).index.map(verdicts)
     ok = (interest["status"] == "ok").to_numpy() & np.asarray(
-        pd.Series(passed).fillna(False), dtype=bool)
+        pd.Series(passed, dtype="boolean").fillna(False), dtype=bool)
     per_estimator = ", ".join(
         f"{esc(e)} {int(ok[(interest['estimator'] == e).to_numpy()].sum())}"
         f"/{int((interest['estimator'] == e).sum())}" for e in data.estimators)
@@ -369,7 +369,7 @@ def _forest_rows(data: RunData) -> pd.DataFrame:
         "hr": est["calibrated_estimate"].where(calibrated, est["estimate"]).astype(float),
         "ci_low": est["calibrated_ci_low"].where(calibrated, est["ci_low"]).astype(float),
         "ci_high": est["calibrated_ci_high"].where(calibrated, est["ci_high"]).astype(float),
-        "passed": pd.Series(passed, index=est.index).fillna(False).astype(bool),
+        "passed": pd.Series(passed, index=est.index, dtype="boolean").fillna(False).astype(bool),
         "calibrated": calibrated,
         "ok": est["status"] == "ok",
         "p": est["calibrated_p_value"].where(calibrated, est["p_value"]).astype(float),
