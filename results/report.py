@@ -309,9 +309,14 @@ def _ranking(data: RunData) -> str:
                   "calibrated CI bound nearest the null (hazard ratios are calibrated where the "
                   "negative controls allowed it).")]
     ranked = data.rankings[data.rankings["estimator"] == primary]
+    others = data.rankings[data.rankings["estimator"] != primary]["estimator"].value_counts()
     if ranked.empty:
-        parts.append(note("No estimate of this run passed every diagnostic, so none is "
-                          "ranked."))
+        text = f"No {esc(primary)} estimate of this run passed every diagnostic, so none is ranked."
+        if len(others):
+            listed = ", ".join(f"{esc(e)} {n}" for e, n in others.items())
+            text += (f" Ranked with other estimators: {listed} (cohortflow rank --estimator "
+                     "NAME; their gates are in each comparison's diagnostics table below).")
+        parts.append(note(text))
     else:
         shown = masked_counts(ranked, ESTIMATE_COUNTS, mcc)
         rows = [[esc(r.outcome), esc(r.rank), esc(r.treatment), esc(r.comparator),

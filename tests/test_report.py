@@ -282,6 +282,9 @@ def test_gibleed_report(gibleed):
     assert _figures(gibleed) == {"forest": 1, "attrition": 1, "ps": 1, "balance": 1, "km": 1}
     assert "no negative-control estimates" in gibleed["html"]
     assert "celecoxib" in gibleed["html"] and "gi_bleed" in gibleed["html"]
+    # IPTW leaves |SMD| 0.101 (gate 0.1); PS strata pass and are ranked: the report says both
+    assert "No iptw estimate of this run passed every diagnostic" in gibleed["html"]
+    assert "Ranked with other estimators: ps_strata 1" in gibleed["html"]
     _assert_masked(gibleed["page"], 5)
 
 
