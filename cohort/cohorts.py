@@ -102,7 +102,7 @@ def build_cohorts(source: RecordSource, design: CohortDesign,
     arm_sets = [r[0] for r in con.execute(
         "SELECT DISTINCT set_name FROM cf_arm_set ORDER BY 1").fetchall()]
     build_exposures(source, design, arm_sets)
-    if comparator.kind == "other_candidates":
+    if comparator.kind != "active":
         eligible_entries(source, design, "cf_candidate_entry")
     build_comparator_entries(source, comparator)
     con.execute("""
@@ -218,6 +218,7 @@ def _comparison_rules(source: RecordSource, design: CohortDesign) -> None:
           "censor_death": design.censor_at_death, "max_days": design.max_follow_up_days})
     con.execute("DROP TABLE cf_cmp_stage")
     before_common = "eligible_so_far AND NOT dropped_in_both"
+    draw = uniform_sql("person_id", "key_treatment", "key_comparator", 3)
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE cf_cmp_entry AS
         WITH period AS (
@@ -235,17 +236,16 @@ def _comparison_rules(source: RecordSource, design: CohortDesign) -> None:
                        AS days_at_risk
             FROM cf_cmp_window w LEFT JOIN period p USING (comparison_id)
         ), ranked AS (
-            SELECT *,
+            SELECT sized.*, c.treatment AS key_treatment, c.comparator AS key_comparator,
                    {before_common} AND ({"in_common_period" if design.common_period
                                          else "true"}) AND days_at_risk >= $min_days
                        AS before_sample
-            FROM sized
+            FROM sized JOIN cf_comparison c USING (comparison_id)
         )
-        SELECT *,
+        SELECT * EXCLUDE (key_treatment, key_comparator),
                treated OR $max_ratio::DOUBLE IS NULL OR NOT before_sample
                OR row_number() OVER (PARTITION BY comparison_id, treated, before_sample
-                                     ORDER BY {uniform_sql("person_id", "comparison_id", 3)},
-                                              person_id)
+                                     ORDER BY {draw}, person_id)
                   <= floor($max_ratio::DOUBLE * sum((treated AND before_sample)::INTEGER)
                            OVER (PARTITION BY comparison_id)) AS sampled
         FROM ranked

@@ -7,11 +7,13 @@
   person must not have used the candidate before it (see cohorts.py); the drug behind it
   defines their exposure episode.
 - non_users: persons not exposed to the candidate on or before a time zero given by
-  `index_rule`: `matched_calendar` draws it from the candidate's new users' first-exposure
-  dates (prescription-time distribution matching, so calendar time and the time since
-  entering the data compare like for like); `random_visit` takes one of the person's visits.
+  `index_rule`: `matched_calendar` draws it from the first-exposure dates of the candidate's
+  eligible new users (cf_candidate_entry; prescription-time distribution matching, so calendar
+  time and the time since entering the data compare like for like); `random_visit` takes one
+  of the person's visits.
 
-Large pools are sampled with a stable hash of (person, comparison, seed): a pre-sample before
+Large pools are sampled with a stable hash of (person, treatment and comparator names, seed),
+so adding a comparison to a study leaves the others' samples alone: a pre-sample before
 the eligibility rules (about twice the target size; said in the first attrition step) and a
 final cap at `max_ratio` comparator persons per treated person (its own step). The candidate's
 own users are always in the pre-sample, so whether a person ends up treated never depends on
@@ -67,15 +69,21 @@ def presample_probability_sql(comparator: ComparatorDef) -> str:
             "/ greatest(pool, 1))")
 
 
-def uniform_sql(person: str, comparison: str, salt: int) -> str:
-    """A stable pseudo-random number in [0, 1) per person and comparison."""
-    return f"(hash({person}, {comparison}, $seed::BIGINT, {int(salt)}) % 1000000) / 1000000.0"
+def uniform_sql(person: str, treatment: str, comparator: str, salt: int) -> str:
+    """A stable pseudo-random number in [0, 1) per person and comparison (SQL expressions).
+
+    Keyed on the comparison's treatment and comparator names, not its positional id, a
+    comparison samples the same persons when other comparisons are added to or removed from
+    the study.
+    """
+    return (f"(hash({person}, {treatment}, {comparator}, $seed::BIGINT, {int(salt)}) "
+            "% 1000000) / 1000000.0")
 
 
 def build_comparator_entries(source: RecordSource, comparator: ComparatorDef) -> None:
     """Create cf_comparator_raw (comparison_id, set_name, person_id, index_date, episode_end,
     treated) with every comparator entry; needs cf_comparison, cf_arm_set and cf_entry (and for
-    other_candidates cf_candidate_entry, the arm-eligible entries)."""
+    other_candidates and non_users cf_candidate_entry, the arm-eligible entries)."""
     con = source.con
     params = {"seed": comparator.seed}
     probability = presample_probability_sql(comparator)
@@ -116,7 +124,7 @@ def build_comparator_entries(source: RecordSource, comparator: ComparatorDef) ->
             JOIN first_two r ON r.set_name <> c.treatment
             JOIN first_set f ON f.person_id = r.person_id
             WHERE (r.rank = 1 OR f.set_name = c.treatment)
-              AND ({uniform_sql("r.person_id", "c.comparison_id", 1)} < {probability}
+              AND ({uniform_sql("r.person_id", "c.treatment", "c.comparator", 1)} < {probability}
                    OR r.person_id IN (SELECT person_id FROM cf_entry t  -- the candidate's
                                       WHERE t.set_name = c.treatment))  -- users: always
         """, params)
@@ -133,10 +141,8 @@ def _non_user_entries(source: RecordSource, comparator: ComparatorDef, probabili
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE cf_non_user_pool AS
         WITH treated AS (
-            SELECT c.comparison_id, e.person_id, e.index_date,
-                   row_number() OVER (PARTITION BY c.comparison_id ORDER BY e.person_id) - 1
-                       AS position
-            FROM cf_comparison c JOIN cf_entry e ON e.set_name = c.treatment
+            SELECT c.comparison_id, e.person_id, e.index_date
+            FROM cf_comparison c JOIN cf_candidate_entry e ON e.set_name = c.treatment
         ), size AS (
             SELECT c.comparison_id, count(t.person_id) AS n_treated,
                    (SELECT count(DISTINCT person_id) FROM person) - count(t.person_id) AS pool
@@ -144,10 +150,10 @@ def _non_user_entries(source: RecordSource, comparator: ComparatorDef, probabili
             GROUP BY c.comparison_id
         ), persons AS (SELECT DISTINCT person_id FROM person WHERE person_id IS NOT NULL)
         SELECT c.comparison_id, p.person_id, size.n_treated,
-               hash(p.person_id, c.comparison_id, $seed::BIGINT, 2) AS draw
+               hash(p.person_id, c.treatment, c.comparator, $seed::BIGINT, 2) AS draw
         FROM cf_comparison c JOIN size USING (comparison_id) CROSS JOIN persons p
         WHERE size.n_treated > 0
-          AND ({uniform_sql("p.person_id", "c.comparison_id", 1)} < {probability}
+          AND ({uniform_sql("p.person_id", "c.treatment", "c.comparator", 1)} < {probability}
                OR p.person_id IN (SELECT person_id FROM cf_entry t
                                   WHERE t.set_name = c.treatment))
     """, params)
@@ -158,7 +164,8 @@ def _non_user_entries(source: RecordSource, comparator: ComparatorDef, probabili
             JOIN (SELECT c.comparison_id, e.index_date,
                          row_number() OVER (PARTITION BY c.comparison_id
                                             ORDER BY e.person_id) - 1 AS position
-                  FROM cf_comparison c JOIN cf_entry e ON e.set_name = c.treatment) t
+                  FROM cf_comparison c
+                  JOIN cf_candidate_entry e ON e.set_name = c.treatment) t
               ON t.comparison_id = p.comparison_id AND t.position = p.draw % p.n_treated
         """
     else:

@@ -506,3 +506,42 @@ def test_drug_exposure_without_end_date_lasts_its_days_supply_or_one_day(tmp_pat
                                                      index=False)
     _, cohort = prepare(tmp_path, folder, design(**on_treatment))
     assert members(cohort)[1][2:] == (d("2012-01-02"), 2)
+
+
+def test_non_users_matched_calendar_draws_only_eligible_new_users_dates(tmp_path):
+    """1 starts T on 2012-01-01 (eligible); 2 starts on 2010-03-01, two months into their
+    observation (not eligible: too little history). Non-users get 2012-01-01 only: time zeros
+    of ineligible new users would hand many non-users a date they cannot qualify on."""
+    eras = [era(1, T, "2012-01-01"), era(2, T, "2010-03-01")]
+    persons = [1, 2, *range(10, 40)]
+    folder = cdm(tmp_path / "cdm", persons, eras)
+    result, cohort = prepare(tmp_path, folder, design(
+        comparisons=(("t", "non_users"),), both_arms="first",
+        comparator=ComparatorDef("non_users", max_ratio=100)))
+    found = members(cohort)
+    assert found[1][:2] == (True, d("2012-01-01")) and 2 not in found
+    comparators = {p: v for p, v in found.items() if not v[0]}
+    assert set(comparators) == set(range(10, 40))
+    assert {v[1] for v in comparators.values()} == {d("2012-01-01")}
+
+
+@pytest.mark.parametrize("comparator", [
+    ComparatorDef("active", "c", max_ratio=2),
+    ComparatorDef("non_users", max_ratio=2),
+])
+def test_sampling_of_a_comparison_does_not_depend_on_the_other_comparisons(tmp_path, comparator):
+    """The same comparison samples the same comparator persons when another comparison is
+    listed before it (its positional id changes from 1 to 2)."""
+    eras = ([era(p, T, "2012-01-01") for p in (1, 2, 3)]
+            + [era(p, X, "2012-01-01") for p in (4, 5)]
+            + [era(p, C, "2012-02-01") for p in range(10, 40)])
+    folder = cdm(tmp_path / "cdm", [1, 2, 3, 4, 5, *range(10, 60)], eras)
+    other = "c" if comparator.kind == "active" else "non_users"
+    alone = design(comparisons=(("t", other),), comparator=comparator, both_arms="first")
+    after = design(comparisons=(("x", other), ("t", other)), comparator=comparator,
+                   both_arms="first")
+    _, first = prepare(tmp_path / "a", folder, alone)
+    _, second = prepare(tmp_path / "b", folder, after)
+    sampled = {p for p, v in members(first, 1).items() if not v[0]}
+    assert len(sampled) == 6                                   # 2 per treated person
+    assert sampled == {p for p, v in members(second, 2).items() if not v[0]}
