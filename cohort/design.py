@@ -67,7 +67,8 @@ class ScreenDef:
 
     level: Literal["ingredient"] = "ingredient"
     min_new_users: int = 500
-    exclude: tuple[str | int, ...] = ()   # concept-set names or ingredient concept ids
+    exclude: tuple[str | int, ...] = ()   # concept-set names, or concept ids of ingredients
+    # or of classes above them (e.g. ATC groups: every ingredient below is left out)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,9 @@ def screen_candidates(source: RecordSource, design: CohortDesign) -> pd.DataFram
             WHERE concept_class_id = 'Ingredient' AND domain_id = 'Drug'
               AND coalesce(standard_concept, '') = 'S'
               AND concept_id NOT IN (SELECT unnest($excluded_ids::BIGINT[]))
+              AND concept_id NOT IN (  -- an excluded class (e.g. an ATC group) takes its own
+                  SELECT descendant_concept_id FROM concept_ancestor
+                  WHERE ancestor_concept_id IN (SELECT unnest($excluded_ids::BIGINT[])))
               AND concept_id NOT IN (SELECT concept_id FROM cf_concept_set
                                      WHERE set_name IN (SELECT unnest($excluded_sets)))
         ), rolled AS (

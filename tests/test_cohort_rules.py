@@ -368,6 +368,16 @@ def test_screen_rolls_products_up_to_ingredients(tmp_path):
     assert "drug C" not in screen.index
     assert list(result.comparisons["treatment"]) == ["ingredient_a"]
     assert set(members(cohort)) == {1, 2, 6, 7}
+    # excluding a class (an ATC group above A) by id leaves A out of the screen
+    atc = 21000001
+    vocabulary.append((atc, "ATC group of A", "Drug", "ATC", "X01", "ATC 4th", "C"))
+    folder = cdm(tmp_path / "cdm2", list(range(1, 8)), eras, concept=vocabulary,
+                 concept_ancestor=[*ancestors, (atc, A), (atc, A1), (atc, A2)],
+                 person=[(p, 8507, 2000 if p == 5 else 1960) for p in range(1, 8)])
+    result, _ = prepare(tmp_path / "excluded", folder, design(
+        comparisons=(), screen=ScreenDef(min_new_users=1, exclude=(atc,)), min_age=18,
+        comparator=ComparatorDef("active", "c")))
+    assert set(result.screen["ingredient"]) == {"ingredient b"}
 
 
 def test_screen_needs_a_vocabulary(tmp_path):
@@ -515,7 +525,7 @@ def test_non_users_matched_calendar_draws_only_eligible_new_users_dates(tmp_path
     eras = [era(1, T, "2012-01-01"), era(2, T, "2010-03-01")]
     persons = [1, 2, *range(10, 40)]
     folder = cdm(tmp_path / "cdm", persons, eras)
-    result, cohort = prepare(tmp_path, folder, design(
+    _, cohort = prepare(tmp_path, folder, design(
         comparisons=(("t", "non_users"),), both_arms="first",
         comparator=ComparatorDef("non_users", max_ratio=100)))
     found = members(cohort)
