@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
@@ -48,6 +49,7 @@ OPERATIONAL_KEYS = ("schedule", "execution")  # when and where a study runs, not
 PREPARED_MARKER = "prepared.done.json"
 DONE_MARKER = "done.json"
 FAILED_MARKER = "failed.json"
+CODE_PACKAGES = ("cohort", "estimators", "flows", "results")
 
 
 class RunBusyError(RuntimeError):
@@ -207,6 +209,29 @@ def preflight(study: LoadedStudy) -> None:
         source.close()
 
 
+@lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """sha256 of the software that computes a run: cohortflow's source files and the versions
+    of Python and the libraries, so a resumed run never mixes work of two versions."""
+    digest = hashlib.sha256(json.dumps(versions(), sort_keys=True).encode())
+    root = Path(__file__).resolve().parents[1]
+    for package in CODE_PACKAGES:
+        for file in sorted((root / package).glob("*.py")):
+            digest.update(f"{package}/{file.name}".encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def workspace_code_matches(workspace: str | Path) -> bool:
+    """False when the workspace holds prepared work of other code (or of a cohortflow that
+    did not record its code); True when it matches or nothing was prepared yet."""
+    try:
+        marker = json.loads((Path(workspace) / PREPARED_MARKER).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return True
+    return marker.get("code") == code_fingerprint()
+
+
 def prepare(study_file: str, workspace: str, *, resume: bool = False,
             expect_source: str | None = None) -> dict:
     """Build the cohorts of every comparison; return the run facts later stages need.
@@ -228,6 +253,7 @@ def prepare(study_file: str, workspace: str, *, resume: bool = False,
         source.close()
     info = {
         "comparison_ids": [int(i) for i in prepared.comparisons["comparison_id"]],
+        "code": code_fingerprint(),
         "fingerprint": fingerprint,
         "warnings": prepared.warnings,
         "seconds": prepared.seconds,

@@ -106,6 +106,10 @@ def _run_locked(study_file: str, study_name: str, paths: pipeline.RunPaths, data
     logger.info("run %s: study %s, %s, %s", paths.run_id, study_name,
                 "fresh" if fresh else "resuming finished work", execution.describe())
     workspace = str(paths.workspace)
+    if not fresh and not pipeline.workspace_code_matches(workspace):
+        logger.warning("the interrupted run's work was computed by other cohortflow code or "
+                       "library versions: recomputing everything")
+        fresh = True
     clock = time.perf_counter()
     prepared = prepare_task(study_file, workspace, not fresh, paths.fingerprint["sha256"])
     if "input_error" in prepared:

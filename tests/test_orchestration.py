@@ -200,6 +200,23 @@ def test_plain_resume_reuses_finished_work_and_recomputes_failures(world, tmp_pa
     assert message == [("RuntimeError: planted",)]
 
 
+def test_prepared_work_records_the_code_that_made_it(world, tmp_path):
+    out, _ = world
+    study_file = str(out / "study.yaml")
+    workspace = pipeline.new_run(load_study(study_file), tmp_path / "s.duckdb",
+                                 tmp_path / "data").workspace
+    assert pipeline.workspace_code_matches(workspace)                 # nothing prepared yet
+    pipeline.prepare(study_file, str(workspace))
+    marker = workspace / pipeline.PREPARED_MARKER
+    recorded = json.loads(marker.read_text())
+    assert recorded["code"] == pipeline.code_fingerprint() and len(recorded["code"]) == 64
+    assert pipeline.workspace_code_matches(workspace)
+    marker.write_text(json.dumps({**recorded, "code": "older"}))
+    assert not pipeline.workspace_code_matches(workspace)
+    marker.write_text(json.dumps({k: v for k, v in recorded.items() if k != "code"}))
+    assert not pipeline.workspace_code_matches(workspace)            # a cohortflow before this
+
+
 def test_a_second_process_cannot_run_the_same_run(world, tmp_path):
     out, _ = world
     paths = pipeline.new_run(load_study(out / "study.yaml"), tmp_path / "s.duckdb", tmp_path)
@@ -261,6 +278,13 @@ def test_run_killed_mid_analysis_resumes_with_finished_comparisons_reused(world,
     code, _, err = finish(cli(env, *args, "--fresh"))                  # --fresh recomputes
     assert code == 0, err[-2000:]
     assert runs(store)["timings"].iloc[0]["reused"] == []
+    pd.testing.assert_frame_equal(estimates(store), reference)
+    marker = workspace / pipeline.PREPARED_MARKER                      # work of other code:
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "code": "older"}))
+    code, _, err = finish(cli(env, *args))                             # resume recomputes it
+    assert code == 0, err[-2000:]
+    assert runs(store)["timings"].iloc[0]["reused"] == []
+    assert json.loads(marker.read_text())["code"] == pipeline.code_fingerprint()
     pd.testing.assert_frame_equal(estimates(store), reference)
 
 
