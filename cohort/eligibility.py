@@ -69,12 +69,24 @@ def flag_entries(source: RecordSource, design: CohortDesign, raw: str, out: str)
              "SELECT NULL::BIGINT AS person_id, NULL::DATE AS death_date WHERE false")
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE {out} AS
-        WITH period AS (
+        WITH period_row AS (
             SELECT person_id, observation_period_start_date AS op_start,
                    observation_period_end_date AS op_end
             FROM observation_period
             WHERE observation_period_start_date IS NOT NULL
               AND observation_period_end_date >= observation_period_start_date
+        ), chained AS (
+            -- periods that overlap or abut the ones before them continue the same stretch
+            SELECT *, sum(CASE WHEN op_start <= reach + 1 THEN 0 ELSE 1 END) OVER (
+                          PARTITION BY person_id ORDER BY op_start, op_end
+                          ROWS UNBOUNDED PRECEDING) AS stretch
+            FROM (SELECT *, max(op_end) OVER (PARTITION BY person_id ORDER BY op_start, op_end
+                                              ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+                                AS reach
+                  FROM period_row)
+        ), period AS (
+            SELECT person_id, min(op_start) AS op_start, max(op_end) AS op_end
+            FROM chained GROUP BY person_id, stretch
         ), person_row AS (
             SELECT person_id, min(year_of_birth) AS year_of_birth,
                    min(gender_concept_id) AS gender_concept_id

@@ -242,7 +242,8 @@ def data_warnings(source: RecordSource, design: CohortDesign) -> list[str]:
     """)
     if overlapping:
         warnings.append(f"observation_period: {overlapping} person(s) with overlapping periods "
-                        "(the periods containing time zero are combined)")
+                        "(overlapping or abutting periods are combined into one stretch of "
+                        "observation)")
     return warnings
 
 

@@ -414,6 +414,29 @@ def test_overlapping_periods_and_time_zero_before_birth(tmp_path):
     assert 2 not in members(cohort)
 
 
+def test_chains_of_overlapping_or_abutting_periods_are_one_stretch_of_observation(tmp_path):
+    """Prior observation counts from the start of the chain of periods that overlap or abut
+    (end + 1 day = next start) the one holding time zero; a real gap breaks the chain.
+
+    4: 2010-01-01..2012-06-30 overlaps 2012-05-01..2015-12-31, time zero 2013-01-01 (only in
+    the second): observed since 2010 -> eligible. 5: 2010..2011-12-31 abuts 2012-01-01..2015,
+    time zero 2012-06-01 -> eligible. 6: 2010-01-01..2011-06-30, gap, 2011-09-01..2015, time
+    zero 2012-03-01: 182 days observed -> not eligible (365 needed).
+    """
+    periods = [(4, d("2010-01-01"), d("2012-06-30")), (4, d("2012-05-01"), d("2015-12-31")),
+               (5, d("2010-01-01"), d("2011-12-31")), (5, d("2012-01-01"), d("2015-12-31")),
+               (6, d("2010-01-01"), d("2011-06-30")), (6, d("2011-09-01"), d("2015-12-31")),
+               (3, *OBS)]
+    eras = [era(4, T, "2013-01-01"), era(5, T, "2012-06-01"), era(6, T, "2012-03-01"),
+            era(3, C, "2012-03-01")]
+    folder = cdm(tmp_path / "cdm", [3, 4, 5, 6], eras, observation_period=periods)
+    result, cohort = prepare(tmp_path, folder, design())
+    found = members(cohort)
+    assert {4, 5} <= set(found) and 6 not in found
+    assert found[4][2] == found[5][2] == d("2015-12-31")           # to the chain's end
+    assert steps(result)["prior_observation"][0] == 2
+
+
 # --- edge cases found in review ------------------------------------------------------------------
 
 def test_washout_zero_allows_the_other_drug_running_on_day_zero(tmp_path):
