@@ -518,8 +518,8 @@ ODD_RECORDS = [
      "person: 90 duplicate person_id row(s) (the lowest year_of_birth and gender_concept_id "
      "are used)", 30, 0),
     ("overlapping observation periods", _overlapping_periods,
-     "observation_period: 90 person(s) with overlapping periods (the periods containing time "
-     "zero are combined)", 30, 0),
+     "observation_period: 90 person(s) with overlapping periods (overlapping or abutting "
+     "periods are combined into one stretch of observation)", 30, 0),
 ]
 
 
