@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from results.masking import arm_events, shareable_curves, shareable_histogram
 from results.store import open_store
 from results.summary import mask_counts
 
@@ -26,7 +27,7 @@ EXPORTS = {
 }
 PERSON_COUNTS = ("n_treated", "n_comparator", "events_treated", "events_comparator",
                  "treated_persons", "comparator_persons", "persons", "exposed_persons",
-                 "eligible_new_users", "at_risk")
+                 "eligible_new_users")
 FORMATS = (".parquet", ".csv", ".json")
 
 
@@ -38,6 +39,9 @@ def export(results: Path, what: str, out: Path, *, study: str | None = None) -> 
         raise ValueError(f"{out}: expected a file ending in {', '.join(FORMATS)}")
     with open_store(results, read_only=True) as con:
         frame = con.execute(f"SELECT * FROM ({EXPORTS[what]}) x").df()
+        events = (con.execute("SELECT run_id, comparison_id, outcome, events_treated, "
+                              "events_comparator FROM estimates").df()
+                  if what == "km_curves" else None)
         cells = dict(con.execute(
             "SELECT run_id, json_extract(config_json, '$.min_cell_count')::INTEGER FROM runs"
         ).fetchall())
@@ -45,7 +49,7 @@ def export(results: Path, what: str, out: Path, *, study: str | None = None) -> 
     if study is not None:
         owner = frame["study"] if "study" in frame else frame["run_id"].map(studies)
         frame = frame[owner == study]
-    frame = _masked(frame, cells)
+    frame = _masked(frame, cells, what, events)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".parquet":
         frame.to_parquet(out, index=False)
@@ -56,15 +60,23 @@ def export(results: Path, what: str, out: Path, *, study: str | None = None) -> 
     return len(frame)
 
 
-def _masked(frame: pd.DataFrame, cells: dict[str, int]) -> pd.DataFrame:
-    counts = [c for c in PERSON_COUNTS if c in frame]
-    if not counts or "run_id" not in frame:
+def _masked(frame: pd.DataFrame, cells: dict[str, int], what: str,
+            events: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Each run's rows with its min_cell_count applied: counts masked, histograms pooled,
+    survival curves cut and shared without their numbers at risk (see results.masking)."""
+    if "run_id" not in frame:
         return frame
     smallest = min(cells.values(), default=0)
     parts = []
     for run_id, part in frame.groupby("run_id", sort=False):
         mcc = cells.get(run_id, smallest)
-        if "at_risk" in part:  # a survival curve ends where fewer than mcc remain at risk
-            part = part[~(part["at_risk"] < mcc)]
-        parts.append(mask_counts(part, counts, mcc))
-    return pd.concat(parts).sort_index() if parts else frame
+        if what == "km_curves":
+            if "at_risk" not in part:  # a store written before cohortflow recorded it
+                part = part.assign(at_risk=pd.NA)
+            mine = events[events["run_id"] == run_id]
+            part = shareable_curves(part, arm_events(mine), mcc).drop(columns="at_risk")
+        elif what == "ps_distribution":
+            part = shareable_histogram(part, mcc).assign(run_id=run_id)
+        counts = [c for c in PERSON_COUNTS if c in part]
+        parts.append(mask_counts(part, counts, mcc) if counts else part)
+    return pd.concat(parts, ignore_index=True) if parts else frame

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from results import report_plots as plots
+from results.masking import arm_events, shareable_curves, shareable_histogram
 from results.store import open_store
 from results.summary import latest_run_id, mask_counts
 
@@ -58,6 +59,8 @@ class RunData:
     km: pd.DataFrame
     estimates: pd.DataFrame
     rankings: pd.DataFrame
+    interest: frozenset[str] = frozenset()
+    """The run's outcomes of interest (kept whole when the frames are cut per comparison)."""
 
 
 def write_report(results: Path, out: Path, run_id: str | None = None) -> Path:
@@ -89,9 +92,11 @@ def load_run(results: Path, run_id: str) -> RunData:
                    mean_treated_after, mean_comparator_after, smd_after
             FROM balance WHERE run_id = ?""", [run_id]).df()
         ps = table("ps_distribution", "comparison_id, arm, bin_low")
-        km = con.execute("""
+        stored = {row[0] for row in con.execute("DESCRIBE km_curves").fetchall()}
+        at_risk = "k.at_risk" if "at_risk" in stored else "NULL::BIGINT AS at_risk"
+        km = con.execute(f"""
             SELECT k.comparison_id, k.outcome, k.adjustment, k.arm, k.day, k.survival,
-                   k.at_risk
+                   {at_risk}
             FROM km_curves k WHERE k.run_id = ? AND k.outcome IN (
                 SELECT outcome FROM estimates WHERE run_id = ? AND role = 'outcome')
             ORDER BY 1, 2, 3, 4, 5""", [run_id, run_id]).df()
@@ -116,8 +121,9 @@ def load_run(results: Path, run_id: str) -> RunData:
     ordered = [e for e in config.get("estimators") or [] if e in present]
     estimators = ordered + [e for e in present if e not in ordered]
     primary = "iptw" if "iptw" in estimators else (estimators[0] if estimators else "-")
+    interest = frozenset(estimates.loc[estimates["role"] == "outcome", "outcome"])
     return RunData(run, config, min_cell_count, primary, estimators, attrition, diagnostics,
-                   balance, ps, km, estimates, rankings)
+                   balance, ps, km, estimates, rankings, interest)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -449,7 +455,7 @@ def _attrition(data: RunData, cid: int, labels: tuple[str, str], sid: str) -> st
     if rows.empty:
         return _subsection(sid, "attrition", note("No attrition recorded for this comparison."))
     common = rows[rows["outcome"].isna()].sort_values("step_index")
-    interest = set(data.estimates.loc[data.estimates["role"] == "outcome", "outcome"])
+    interest = data.interest
     per_outcome = rows[rows["outcome"].isin(interest)].sort_values(["step_index", "outcome"])
     controls = rows[rows["outcome"].notna() & ~rows["outcome"].isin(interest)]
     shown = masked_counts(pd.concat([common, per_outcome]), ATTRITION_PERSONS, mcc)
@@ -478,15 +484,16 @@ def _preference(data: RunData, cid: int, labels: tuple[str, str], sid: str) -> s
                "the propensity model could not be fitted for this comparison")
         return _subsection(sid, "ps", note(f"No preference-score distribution: {why}."))
     mcc = data.min_cell_count
-    arms = {arm: frame.sort_values("bin_low") for arm, frame in ps.groupby("arm")}
+    pooled = shareable_histogram(ps, mcc)
     densities = []
     for arm in ("treated", "comparator"):
-        rows = arms.get(arm)
-        if rows is None or rows["persons"].sum() < max(mcc, 1):
+        rows = pooled[pooled["arm"] == arm]
+        if rows.empty:  # fewer than min_cell_count persons
             densities.append(None)
             continue
-        edges = np.append(rows["bin_low"].to_numpy(float), rows["bin_high"].iloc[-1])
-        densities.append(merged_density(edges, rows["persons"].to_numpy(float), mcc))
+        lows, highs = rows["bin_low"].to_numpy(float), rows["bin_high"].to_numpy(float)
+        n = rows["persons"].to_numpy(float)
+        densities.append((np.append(lows, highs[-1]), n / n.sum() / (highs - lows)))
     diag = data.diagnostics[data.diagnostics["comparison_id"] == cid]
     equipoise = diag["equipoise"].dropna()
     auc = diag["ps_auc"].dropna()
@@ -502,37 +509,6 @@ def _preference(data: RunData, cid: int, labels: tuple[str, str], sid: str) -> s
         text += f" An arm with fewer than {mcc} persons is not drawn."
     return _subsection(sid, "ps", figure(png, "preference score distribution", "ps")
                        + note(text))
-
-
-def merged_density(edges: np.ndarray, counts: np.ndarray,
-                   min_cell_count: int) -> tuple[np.ndarray, np.ndarray]:
-    """Histogram (edges, counts) re-binned so that every non-empty bar holds at least
-    min_cell_count persons; returns the new edges and densities (area 1 over the arm).
-
-    Consecutive bins are pooled from the left until the pool reaches the threshold; empty bins
-    outside a pool stay empty bars; a short pool at the right end joins the previous one.
-    """
-    bars: list[list[float]] = []  # [low, high, count]
-    open_pool: list[float] | None = None
-    for low, high, count in zip(edges[:-1], edges[1:], counts, strict=True):
-        if open_pool is None and count == 0:
-            bars.append([low, high, 0.0])
-            continue
-        if open_pool is None:
-            open_pool = [low, high, 0.0]
-            bars.append(open_pool)
-        open_pool[1], open_pool[2] = high, open_pool[2] + count
-        if open_pool[2] >= min_cell_count:
-            open_pool = None
-    if open_pool is not None:
-        earlier = [i for i, bar in enumerate(bars[:-1]) if bar[2] > 0]
-        if earlier:  # fold the short last pool (and empty bars before it) into the last pool
-            first = earlier[-1]
-            bars[first:] = [[bars[first][0], open_pool[1],
-                             sum(bar[2] for bar in bars[first:])]]
-    lows, highs, n = (np.array(column, dtype=float) for column in zip(*bars, strict=True))
-    total = n.sum()
-    return np.append(lows, highs[-1]), n / total / (highs - lows)
 
 
 def _arm_sizes(data: RunData, cid: int) -> tuple[float, float]:
@@ -627,8 +603,9 @@ def _km(data: RunData, cid: int, labels: tuple[str, str], sid: str) -> str:
                                          "outcome"].unique())
     if not interest:
         return _subsection(sid, "km", note("No outcomes of interest in this comparison."))
-    km = data.km[data.km["comparison_id"] == cid]
-    km = km[~(km["at_risk"] < data.min_cell_count)]  # unknown (older runs): drawn
+    mine = data.estimates[data.estimates["comparison_id"] == cid]
+    stored = data.km[data.km["comparison_id"] == cid]
+    km = shareable_curves(stored, arm_events(mine), data.min_cell_count)
     shown = interest
     if len(interest) > KM_MAX_PANELS:  # a figure of dozens of panels is slow and unreadable
         rows = data.estimates[(data.estimates["comparison_id"] == cid)
@@ -639,9 +616,13 @@ def _km(data: RunData, cid: int, labels: tuple[str, str], sid: str) -> str:
         shown = [o for o in interest if o in top]
     panels = [(str(o), km[km["outcome"] == o]) for o in shown]
     png = plots.km_plot(panels, labels, sorted(set(km["adjustment"])) or ["crude"])
+    mcc = data.min_cell_count
     text = ("Kaplan-Meier survival per outcome of interest; solid: IPTW-weighted, dashed: "
-            "crude. Outcomes with no events in an arm show no curve for it; each curve ends "
-            f"where fewer than {data.min_cell_count} persons of its arm remain at risk.")
+            f"crude. An arm with fewer than {mcc} events shows no curve, and each curve ends "
+            f"where fewer than {mcc} persons of its arm remain at risk.")
+    if len(stored) and stored["at_risk"].isna().all():
+        text += (" This run was stored before cohortflow recorded persons at risk, so its "
+                 "curves are not drawn; run it again to draw them.")
     if len(shown) < len(interest):
         text += (f" Shown: the {len(shown)} of {len(interest)} outcomes of interest with the "
                  "most events; every outcome's curves are in the store's km_curves table.")

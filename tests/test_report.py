@@ -14,6 +14,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pandas as pd
 import pytest
 
 from cohort.synthetic import generate_demo_cdm
@@ -358,30 +359,32 @@ def test_kaplan_meier_panels_are_capped_at_the_outcomes_with_most_events(demo, m
     ([2, 2, 2], 0),
 ])
 def test_preference_bars_each_hold_at_least_min_cell_count_persons(counts, mcc):
-    from results.report import merged_density
+    from results.masking import pooled_bins
 
     counts = np.asarray(counts, dtype=float)
     edges = np.linspace(0.0, 1.0, counts.size + 1)
-    new_edges, density = merged_density(edges, counts, mcc)
-    persons = density * np.diff(new_edges) * counts.sum()
-    assert np.isclose((density * np.diff(new_edges)).sum(), 1.0)   # a density over the arm
-    assert np.allclose(persons[persons > 1e-9], np.round(persons[persons > 1e-9]))
-    assert (persons[persons > 1e-9] >= mcc - 1e-9).all()            # no small bar to read
-    assert set(new_edges) <= set(edges) and new_edges[0] == 0 and new_edges[-1] == 1
+    lows, highs, persons = pooled_bins(edges, counts, mcc)
+    assert persons.sum() == counts.sum()                             # nobody lost
+    assert (lows[1:] == highs[:-1]).all() and lows[0] == 0 and highs[-1] == 1
+    assert set(lows) | set(highs) <= set(edges)
+    assert (persons[persons > 0] >= mcc).all()                       # no small bar to read
     if mcc <= 1:
         assert np.allclose(persons, counts)                          # nothing to merge
 
 
 def test_plotted_curves_and_preference_bars_hide_small_counts(demo, monkeypatch):
-    """What reaches the plots: KM points with at least min_cell_count at risk, preference bars
-    of at least min_cell_count persons; the store keeps the exact curves."""
+    """What reaches the plots: KM points of arms with at least min_cell_count events and at
+    least min_cell_count at risk; preference bars of at least min_cell_count persons. The
+    store keeps the exact curves."""
     from results import report
+    from results.masking import arm_events
 
     data = report.load_run(demo["results"], demo["run"]["run_id"])
-    mcc = 400
+    mcc = 100
     data.min_cell_count = mcc
-    small = data.km[data.km["at_risk"] < mcc]
-    assert len(small) > 0 and data.km["at_risk"].notna().all()
+    assert (data.km["at_risk"] < mcc).any() and data.km["at_risk"].notna().all()
+    events = arm_events(data.estimates).set_index(["comparison_id", "outcome", "arm"])
+    assert (events["events"] < mcc).any() and (events["events"] >= mcc).any()
     panels_seen, bars_seen = [], []
     monkeypatch.setattr(report.plots, "km_plot",
                         lambda panels, *a: panels_seen.extend(panels) or "")
@@ -390,8 +393,13 @@ def test_plotted_curves_and_preference_bars_hide_small_counts(demo, monkeypatch)
     for cid, _, _ in report._comparisons(data):
         report._km(data, cid, ("a", "b"), "x")
         report._preference(data, cid, ("a", "b"), "x")
-    plotted = [curves for _, curves in panels_seen if len(curves)]
-    assert plotted and all((curves["at_risk"] >= mcc).all() for curves in plotted)
+    plotted = pd.concat([curves for _, curves in panels_seen])
+    assert len(plotted) and (plotted["at_risk"] >= mcc).all()
+    drawn_arms = set(map(tuple, plotted[["comparison_id", "outcome", "arm"]].to_numpy()))
+    assert all(events.loc[key, "events"] >= mcc for key in drawn_arms)
+    assert len(drawn_arms) == int((events.loc[events.index.isin(
+        set(map(tuple, data.km[["comparison_id", "outcome", "arm"]].to_numpy())))]["events"]
+        >= mcc).sum())
     sizes = data.ps.groupby(["comparison_id", "arm"])["persons"].sum()
     arms = [(cid, arm) for cid, _, _ in report._comparisons(data)
             for arm in ("treated", "comparator")]
@@ -406,35 +414,41 @@ def test_plotted_curves_and_preference_bars_hide_small_counts(demo, monkeypatch)
 
 
 def test_curve_and_histogram_exports_leave_out_small_counts(demo, tmp_path):
-    """The demo run with its min_cell_count raised to the median number at risk: curves are
-    cut there and histogram bins below it masked."""
+    """The demo run with its min_cell_count raised to 100: curves only of arms with 100+
+    events, cut where fewer than 100 remain at risk, without the numbers at risk; histogram
+    bins pooled to 100+ persons (arm totals kept)."""
     import json
 
-    import pandas as pd
-
     from flows.cli import main
+    from results.masking import arm_events
 
     results = tmp_path / "results.duckdb"
     shutil.copy(demo["results"], results)
+    mcc = 100
     with duckdb.connect(str(results)) as con:
-        mcc = int(con.execute("SELECT median(at_risk) FROM km_curves").fetchone()[0])
         config = json.loads(con.execute("SELECT config_json FROM runs").fetchone()[0])
         con.execute("UPDATE runs SET config_json = ?",
                     [json.dumps({**config, "min_cell_count": mcc})])
-        stored = con.execute("SELECT count(*), count(*) FILTER (at_risk < ?) FROM km_curves",
-                             [mcc]).fetchone()
-        small_bins = con.execute("SELECT count(*) FROM ps_distribution "
-                                 "WHERE persons BETWEEN 1 AND ?", [mcc - 1]).fetchone()[0]
-    assert 0 < stored[1] < stored[0] and small_bins > 0
-    curves, bins = tmp_path / "km.parquet", tmp_path / "ps.csv"
+        stored = con.execute("SELECT * FROM km_curves").df()
+        bins = con.execute("SELECT * FROM ps_distribution").df()
+        events = arm_events(con.execute("SELECT * FROM estimates").df())
+    enough = events[events["events"] >= mcc]
+    expected = stored[stored["at_risk"] >= mcc].merge(
+        enough[["comparison_id", "outcome", "arm"]], on=["comparison_id", "outcome", "arm"])
+    assert 0 < len(expected) < int((stored["at_risk"] >= mcc).sum())
+    curves, pooled = tmp_path / "km.parquet", tmp_path / "ps.csv"
     assert main(["export", "km_curves", "--out", str(curves), "--results", str(results)]) == 0
-    assert main(["export", "ps_distribution", "--out", str(bins),
+    assert main(["export", "ps_distribution", "--out", str(pooled),
                  "--results", str(results)]) == 0
     exported = pd.read_parquet(curves)
-    assert len(exported) == stored[0] - stored[1]
-    assert (exported["at_risk"].astype(int) >= mcc).all()
-    persons = pd.read_csv(bins)["persons"].astype(str)
-    assert (persons == f"<{mcc}").sum() == small_bins
+    assert "at_risk" not in exported and len(exported) == len(expected)
+    shared = pd.read_csv(pooled)
+    assert (shared["persons"].astype(int).isin([0]) | (shared["persons"].astype(int) >= mcc)
+            ).all()
+    totals = bins.groupby(["comparison_id", "arm"])["persons"].sum()
+    assert shared.groupby(["comparison_id", "arm"])["persons"].sum().to_dict() == {
+        key: total for key, total in totals.items() if total >= mcc}
+    assert len(shared) < len(bins)
 
 
 def test_a_screen_forest_plot_is_subset_and_every_estimate_goes_to_a_volcano(demo,
@@ -456,3 +470,19 @@ def test_a_screen_forest_plot_is_subset_and_every_estimate_goes_to_a_volcano(dem
             assert rest["p"].min() >= kept.loc[~kept["passed"], "p"].max()
     section = report._ranking(data)
     assert 'data-figure="volcano"' in section and f"of {len(forest)} estimates" in section
+
+
+def test_a_store_from_before_at_risk_was_recorded_still_reports_and_shares_no_curves(
+        demo, tmp_path):
+    from flows.cli import main
+
+    results = tmp_path / "old.duckdb"
+    shutil.copy(demo["results"], results)
+    with duckdb.connect(str(results)) as con:
+        con.execute("ALTER TABLE km_curves DROP COLUMN at_risk")
+    _, text, _ = _render(results, tmp_path / "old.html", demo["run"]["run_id"])
+    assert "stored before cohortflow recorded persons at risk" in text
+    assert _figures({"page": Page(text)})["km"] == 4
+    out = tmp_path / "km.csv"
+    assert main(["export", "km_curves", "--out", str(out), "--results", str(results)]) == 0
+    assert out.read_text().strip().count("\n") == 0                 # a header, no curve
