@@ -36,14 +36,19 @@ def set_domains(source: RecordSource, set_names: list[str]) -> dict[str, list[st
     return {name: found.get(name, []) for name in set_names}
 
 
+MAX_DAYS_SUPPLY = 36_500
+"""Longer supplies (data errors) are cut to this, so a date never overflows."""
+
+
 def record_end_sql(source: RecordSource, table: str, start: str, end: str) -> str:
-    """SQL for a record's end date (alias r): its end, else for drug exposures start +
-    days_supply, else the day after start (OHDSI's drug-era convention); never before start."""
+    """SQL for a record's last day (alias r; inclusive, as every end date here): its end date,
+    else for drug exposures start + days_supply - 1 (the CDM's convention for a missing
+    drug_exposure_end_date), else its start day; never before the start."""
     fallbacks = [f"r.{end}"]
-    if table == "drug_exposure":
-        if "days_supply" in source.tables.get("drug_exposure", []):
-            fallbacks.append(f"r.{start} + try_cast(r.days_supply AS INTEGER)")
-        fallbacks.append(f"r.{start} + 1")
+    if table == "drug_exposure" and "days_supply" in source.tables.get("drug_exposure", []):
+        supply = "try_cast(r.days_supply AS INTEGER)"  # least() would skip a NULL
+        fallbacks.append(f"r.{start} + (CASE WHEN {supply} > {MAX_DAYS_SUPPLY} "
+                         f"THEN {MAX_DAYS_SUPPLY} ELSE {supply} END - 1)")
     fallbacks.append(f"r.{start}")
     return f"greatest(coalesce({', '.join(fallbacks)}), r.{start})"
 

@@ -109,13 +109,14 @@ SUMMARY_ROWS = 30
 
 def _strongest_rows(wide: pd.DataFrame, summary: pd.DataFrame, primary: str) -> pd.DataFrame:
     """Per outcome, at most SUMMARY_ROWS / outcomes rows of the summary table (at least 3):
-    ranked ones first, then the smallest p-values of the primary estimator; order kept."""
+    ranked ones first (best rank first), then the smallest p-values of the primary estimator;
+    the table's order kept."""
     keys = ["treatment", "comparator", "outcome"]
     p_value = summary[summary["estimator"] == primary].set_index(keys)["p_value"]
     per_outcome = max(3, SUMMARY_ROWS // max(wide["outcome"].nunique(), 1))
     order = wide.assign(_unranked=wide["rank"].isna(),
                         _p=wide.set_index(keys).index.map(p_value).astype(float))
-    pick = (order.sort_values(["outcome", "_unranked", "_p"], na_position="last")
+    pick = (order.sort_values(["outcome", "_unranked", "rank", "_p"], na_position="last")
             .groupby("outcome", sort=False).head(per_outcome).index)
     return wide.loc[wide.index.isin(pick)]
 
@@ -128,14 +129,15 @@ def _print_summary(run: dict, args: argparse.Namespace, extra: Callable | None =
         return
     summary = run_summary(Path(args.results), run["run_id"])
     study = load_study(run["study_file"])
-    wide = wide_summary(summary[summary["role"] == "outcome"], study.config.min_cell_count)
+    primary = "iptw" if "iptw" in study.config.estimators else study.config.estimators[0]
+    wide = wide_summary(summary[summary["role"] == "outcome"], study.config.min_cell_count,
+                        primary)
     if extra is not None:
         wide = extra(wide)
     seconds = (run["finished_at"] - run["started_at"]).total_seconds()
     print(f"\nrun {run['run_id']}: {run['n_comparisons']} comparison(s), "
           f"{run['n_estimates']} estimates ({run['n_estimates_failed']} failed) "
           f"in {seconds:.0f} s")
-    primary = "iptw" if "iptw" in study.config.estimators else study.config.estimators[0]
     if len(wide) > SUMMARY_ROWS:  # a screen: per outcome the ranked, then the smallest p
         shown = _strongest_rows(wide, summary, primary)
         print(shown.to_string(index=False))

@@ -62,18 +62,20 @@ def format_hr(row: pd.Series, prefix: str = "") -> str:
     return f"{estimate:.2f} ({row[f'{prefix}ci_low']:.2f}-{row[f'{prefix}ci_high']:.2f})"
 
 
-def wide_summary(summary: pd.DataFrame, min_cell_count: int) -> pd.DataFrame:
+def wide_summary(summary: pd.DataFrame, min_cell_count: int,
+                 primary: str | None = None) -> pd.DataFrame:
     """One row per comparison x outcome with a column per estimator, counts masked.
 
     Outcomes of interest come before controls; within an outcome, treatments follow the
-    evidence rank of the primary estimator (IPTW if run, else the first estimator); unranked
-    ones follow, most protective estimate first.
+    evidence rank of the primary estimator (default IPTW if run, else the first estimator in
+    the rows); unranked ones follow, most protective estimate first.
     """
     keys = ["treatment", "comparator", "outcome", "role"]
     summary = summary.assign(hr=summary.apply(format_hr, axis=1))
     wide = summary.pivot_table(index=keys, columns="estimator", values="hr",
                                aggfunc="first").reset_index()
-    primary = "iptw" if "iptw" in set(summary["estimator"]) else summary["estimator"].iloc[0]
+    primary = primary or ("iptw" if "iptw" in set(summary["estimator"])
+                          else summary["estimator"].iloc[0])
     counts = (summary.groupby(keys, as_index=False)
               .agg(n_treated=("n_treated", "max"), n_comparator=("n_comparator", "max"),
                    events_treated=("events_treated", "max"),

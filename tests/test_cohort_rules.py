@@ -519,26 +519,28 @@ def test_non_user_who_starts_later_is_in_both_arms_when_kept(tmp_path):
 
 
 def test_drug_exposure_without_end_date_lasts_its_days_supply_or_one_day(tmp_path):
-    """OHDSI's drug-era convention for a missing drug_exposure_end_date: start + days_supply,
-    else start + 1 day. 1: 30 days' supply; 2: no supply either; 3: an end date."""
-    folder = cdm(tmp_path / "cdm", [1, 2, 3], [], [(3, OUT, d("2012-01-15"))])
+    """The CDM's convention for a missing drug_exposure_end_date: the last day is start +
+    days_supply - 1, else the start day. 1: 30 days' supply; 2: no supply either; 3: an end
+    date; 4: an absurd supply (cut to 100 years, no date overflow)."""
+    folder = cdm(tmp_path / "cdm", [1, 2, 3, 4], [], [(3, OUT, d("2012-01-15"))])
     exposures = pd.DataFrame({
-        "person_id": [1, 2, 3], "drug_concept_id": [T, T, C],
-        "drug_exposure_start_date": [d("2012-01-01")] * 3,
-        "drug_exposure_end_date": [None, None, d("2012-01-31")],
-        "days_supply": pd.array([30, None, 30], dtype="Int64")})
+        "person_id": [1, 2, 3, 4], "drug_concept_id": [T, T, C, T],
+        "drug_exposure_start_date": [d("2012-01-01")] * 4,
+        "drug_exposure_end_date": [None, None, d("2012-01-31"), None],
+        "days_supply": pd.array([30, None, 30, 2_000_000_000], dtype="Int64")})
     exposures.to_parquet(folder / "drug_exposure.parquet", index=False)
     on_treatment = dict(exposure_table="drug_exposure", risk_end_anchor="exposure_end",
                         risk_end_day=0, gap_days=0)
     _, cohort = prepare(tmp_path, folder, design(**on_treatment))
     found = members(cohort)
-    assert found[1][2:] == (d("2012-01-31"), 31)   # start + 30 days' supply
-    assert found[2][2:] == (d("2012-01-02"), 2)    # start + 1
+    assert found[1][2:] == (d("2012-01-30"), 30)   # 30 days' supply: 30 days
+    assert found[2][2:] == (d("2012-01-01"), 1)    # the start day only
     assert found[3][2:] == (d("2012-01-31"), 31)
+    assert found[4][2:] == (d("2015-12-31"), 1461)  # to the end of observation
     exposures.drop(columns="days_supply").to_parquet(folder / "drug_exposure.parquet",
                                                      index=False)
     _, cohort = prepare(tmp_path, folder, design(**on_treatment))
-    assert members(cohort)[1][2:] == (d("2012-01-02"), 2)
+    assert members(cohort)[1][2:] == (d("2012-01-01"), 1)
 
 
 def test_non_users_matched_calendar_draws_only_eligible_new_users_dates(tmp_path):

@@ -155,7 +155,8 @@ def test_readme_documents_every_store_table_and_column(tmp_path):
     assert missing == set()
 
 
-def test_a_screens_end_of_run_summary_shows_the_ranked_then_the_strongest_rows():
+def test_a_screens_end_of_run_summary_shows_the_ranked_then_the_strongest_rows(monkeypatch):
+    from flows import cli
     from flows.cli import SUMMARY_ROWS, _strongest_rows
 
     rng = np.random.default_rng(0)
@@ -163,7 +164,8 @@ def test_a_screens_end_of_run_summary_shows_the_ranked_then_the_strongest_rows()
             for outcome in ("o1", "o2") for i in range(40)]
     summary = pd.DataFrame(rows, columns=["treatment", "comparator", "outcome", "p_value",
                                           "ranked"]).assign(estimator="iptw")
-    wide = summary.assign(rank=np.where(summary["ranked"], 1.0, np.nan)).drop(
+    ranks = summary.groupby("outcome")["ranked"].cumsum().where(summary["ranked"])
+    wide = summary.assign(rank=ranks.astype(float)).drop(
         columns=["p_value", "ranked", "estimator"]).sample(frac=1.0, random_state=1)
     shown = _strongest_rows(wide, pd.concat([summary, summary.assign(estimator="crude",
                                                                      p_value=0.0)]), "iptw")
@@ -177,3 +179,6 @@ def test_a_screens_end_of_run_summary_shows_the_ranked_then_the_strongest_rows()
         unranked = mine[~mine["ranked"]]
         cut = unranked[unranked["treatment"].isin(picked)]["p_value"].max()
         assert (unranked[~unranked["treatment"].isin(picked)]["p_value"] >= cut).all()
+    monkeypatch.setattr(cli, "SUMMARY_ROWS", 4)   # fewer places than ranked rows: best ranks
+    few = _strongest_rows(wide, summary, "iptw")
+    assert sorted(few.groupby("outcome")["rank"].apply(list).sum()) == [1, 1, 2, 2, 3, 3]
