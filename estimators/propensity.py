@@ -178,12 +178,10 @@ def _lambda_max(X, t: np.ndarray) -> float:
     return float(np.abs(grad).max()) / t.shape[0] if grad.size else 0.0
 
 
-def default_grid(X, treated: np.ndarray, *, lambda_max: float | None = None) -> np.ndarray:
+def default_grid(lambda_max: float) -> np.ndarray:
     """Per-sample penalties from lambda_max (all-zero model) down 4 decades, 3 per decade."""
-    lmax = (_lambda_max(X, np.asarray(treated, dtype=np.float64)) if lambda_max is None
-            else lambda_max)
     steps = DEFAULT_GRID_DECADES * DEFAULT_GRID_PER_DECADE
-    return lmax * 10.0 ** (-np.arange(steps + 1) / DEFAULT_GRID_PER_DECADE)
+    return lambda_max * 10.0 ** (-np.arange(steps + 1) / DEFAULT_GRID_PER_DECADE)
 
 
 _LIBLINEAR_LOCK = threading.Lock()
@@ -271,7 +269,7 @@ def fit_propensity(
         for tr, te in splitter.split(np.zeros((n_cv, 1)), tcv)
     ]
     lambdas = (
-        default_grid(Xcv, tcv, lambda_max=max(f.lambda_max for f in folds)) if grid is None
+        default_grid(max(f.lambda_max for f in folds)) if grid is None
         else np.sort(np.asarray(grid, dtype=np.float64))[::-1]
     )
     if lambdas.size == 0 or not np.all(np.isfinite(lambdas)) or np.any(lambdas < 0):

@@ -598,18 +598,15 @@ def _calibration(data: RunData, cid: int, sid: str) -> str:
 
 
 def _km(data: RunData, cid: int, labels: tuple[str, str], sid: str) -> str:
-    interest = sorted(data.estimates.loc[(data.estimates["comparison_id"] == cid)
-                                         & (data.estimates["role"] == "outcome"),
-                                         "outcome"].unique())
+    mine = data.estimates[data.estimates["comparison_id"] == cid]
+    interest = sorted(mine.loc[mine["role"] == "outcome", "outcome"].unique())
     if not interest:
         return _subsection(sid, "km", note("No outcomes of interest in this comparison."))
-    mine = data.estimates[data.estimates["comparison_id"] == cid]
     stored = data.km[data.km["comparison_id"] == cid]
     km = shareable_curves(stored, arm_events(mine), data.min_cell_count)
     shown = interest
     if len(interest) > KM_MAX_PANELS:  # a figure of dozens of panels is slow and unreadable
-        rows = data.estimates[(data.estimates["comparison_id"] == cid)
-                              & data.estimates["outcome"].isin(interest)]
+        rows = mine[mine["outcome"].isin(interest)]
         events = (rows["events_treated"].fillna(0) + rows["events_comparator"].fillna(0)
                   ).groupby(rows["outcome"]).max()
         top = set(events.sort_values(ascending=False, kind="stable").index[:KM_MAX_PANELS])

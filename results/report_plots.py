@@ -45,6 +45,14 @@ def _png(fig: Figure) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _hr_range(values: np.ndarray) -> tuple[float, float]:
+    """A hazard-ratio axis covering the finite positive values and 0.5-2, within 0.1-10."""
+    finite = values[np.isfinite(values) & (values > 0)]
+    low = min(0.5, float(finite.min())) if finite.size else 0.5
+    high = max(2.0, float(finite.max())) if finite.size else 2.0
+    return max(0.1, low / 1.3), min(10.0, high * 1.3)
+
+
 def _hr_axis(ax, low: float, high: float) -> None:
     ax.set_xscale("log")
     ax.set_xlim(low, high)
@@ -64,10 +72,7 @@ def forest_plot(rows: pd.DataFrame, title: str) -> str:
         height = 0.9 + 0.24 * len(lines)
         fig = _figure(10.0, height)
         ax = fig.add_axes((0.17, 0.55 / height, 0.55, 1 - 0.95 / height))
-        finite = rows.loc[rows["ok"], ["ci_low", "ci_high"]].to_numpy(dtype=float)
-        finite = finite[np.isfinite(finite) & (finite > 0)]
-        low = max(0.1, min(0.5, *(finite.tolist() or [0.5])) / 1.3)
-        high = min(10.0, max(2.0, *(finite.tolist() or [2.0])) * 1.3)
+        low, high = _hr_range(rows.loc[rows["ok"], ["ci_low", "ci_high"]].to_numpy(float))
         y = np.arange(len(lines))[::-1]
         for yi, (label, row) in zip(y, lines, strict=True):
             if row is None:
@@ -107,8 +112,7 @@ def volcano_plot(rows: pd.DataFrame, title: str) -> str:
                   & np.isfinite(rows["p"])]
         p = np.clip(ok["p"].to_numpy(dtype=float), 1e-300, 1.0)
         hr = ok["hr"].to_numpy(dtype=float)
-        low = max(0.1, min(0.5, float(hr.min()) if hr.size else 0.5) / 1.3)
-        high = min(10.0, max(2.0, float(hr.max()) if hr.size else 2.0) * 1.3)
+        low, high = _hr_range(hr)
         for passed, color, label in ((False, FAILED, "fails a diagnostic"),
                                      (True, PASSED, "passes every diagnostic")):
             pick = (ok["passed"] == passed).to_numpy()
