@@ -48,11 +48,13 @@ def attrition_steps(design: CohortDesign) -> list[tuple[str, str, str]]:
     if comparator.kind == "other_candidates":
         entry += ("; comparator: the earliest first exposure to another candidate that passes "
                   "the arm-level rules")
+    if comparator.kind == "battery":
+        entry += "; comparator: first recorded exposure to the trial's comparator drug"
     if comparator.kind == "non_users":
         rule = ("a treated person's first-exposure date" if comparator.index_rule ==
                 "matched_calendar" else "a randomly chosen visit")
         entry += f"; comparator: persons given {rule} as time zero"
-    if comparator.max_ratio is not None and comparator.kind != "active":
+    if comparator.max_ratio is not None and comparator.pooled:
         entry += (f" (comparator pool pre-sampled at random to about "
                   f"{comparator.max_ratio * 2:g} per treated person)")
     steps = [("first_exposure", entry, "true")]
@@ -69,7 +71,10 @@ def attrition_steps(design: CohortDesign) -> list[tuple[str, str, str]]:
         "first": "eligible for both arms: kept in the arm entered first, censored when the "
                  "other arm's drug starts",
         "keep": "eligible for both arms: kept in both, the earlier entry censored when the "
-                "other arm's drug starts"}[design.both_arms], "NOT dropped_in_both"))
+                "other arm's drug starts",
+        "treated": "eligible for both arms: kept in the treated arm only (Zang et al.); "
+                   "comparators are censored when they start the candidate"}[design.both_arms],
+        "NOT dropped_in_both"))
     if design.common_period:
         steps.append(("common_period", "time zero within the period both arms have entries",
                       "in_common_period"))
@@ -89,20 +94,21 @@ def build_cohorts(source: RecordSource, design: CohortDesign,
     `comparisons` (treatment, comparator label) defaults to design.comparisons. Needs temp
     table cf_concept_set (cohort.concepts). `cf_cohort` has one row per person and comparison:
     comparison_id, row_id (0-based, ordered by person), person_id, treated, index_date,
-    risk_start, risk_end, days_at_risk, year_of_birth, gender_concept_id. `cf_arm_concept`
+    risk_start, risk_end, days_at_risk, year_of_birth, gender_concept_id, disease_onset (the
+    first record of a disease cohort's disease, else NULL). `cf_arm_concept`
     (comparison_id, treated, concept_id) lists the concepts that define each arm (never
     covariates).
     """
     con = source.con
     comparator = comparator_of(design)
     pairs = list(comparisons if comparisons is not None else design.comparisons)
-    if comparator.kind != "active":
+    if comparator.pooled:
         pairs = [(t, comparator.kind) for t, _ in pairs]
     register_arm_sets(source, pairs, comparator)
     arm_sets = [r[0] for r in con.execute(
         "SELECT DISTINCT set_name FROM cf_arm_set ORDER BY 1").fetchall()]
     build_exposures(source, design, arm_sets)
-    if comparator.kind != "active":
+    if comparator.pooled:
         eligible_entries(source, design, "cf_candidate_entry")
     build_comparator_entries(source, comparator)
     con.execute("""
@@ -124,7 +130,8 @@ def build_cohorts(source: RecordSource, design: CohortDesign,
                (row_number() OVER (PARTITION BY comparison_id ORDER BY person_id, treated)
                 - 1)::INTEGER AS row_id,
                person_id, treated, index_date, risk_start, risk_end,
-               days_at_risk::INTEGER AS days_at_risk, year_of_birth, gender_concept_id
+               days_at_risk::INTEGER AS days_at_risk, year_of_birth, gender_concept_id,
+               disease_onset
         FROM cf_cmp_entry WHERE {keep}
     """, {"min_days": design.min_days_at_risk})
     attrition = _attrition(source, steps, design.min_days_at_risk)
@@ -197,8 +204,9 @@ def _comparison_rules(source: RecordSource, design: CohortDesign) -> None:
     # a comparator of a candidate (other candidates, non-users) leaves that arm when it starts
     # the candidate, whether or not that later start is itself an eligible entry
     censor_switch = ("true" if design.censor_at_switch else
+                     "NOT treated" if design.both_arms == "treated" else
                      "in_both" if comparator.kind == "active" else "in_both OR NOT treated")
-    dropped = {"remove": "in_both", "keep": "false",
+    dropped = {"remove": "in_both", "keep": "false", "treated": "in_both AND NOT treated",
                "first": "in_both AND (index_date > first_index OR entries_that_day > 1)"}[
         design.both_arms]
     con.execute(f"""

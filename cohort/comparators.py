@@ -1,6 +1,7 @@
 """Comparator arms: which drugs define each arm, and the comparator entries of every comparison.
 
-- active: new users of one named drug (its first exposure is time zero).
+- active: new users of one named drug (its first exposure is time zero); a battery's trial
+  (cohort.battery) is the same, with its own comparator drug per comparison.
 - other_candidates: new users of any other candidate; time zero is the person's earliest first
   exposure to another candidate that passes the arm-level rules (cf_candidate_entry: a first
   exposure in childhood would otherwise shut adults out of every comparator arm), and the
@@ -40,7 +41,7 @@ def register_arm_sets(source: RecordSource, comparisons: list[tuple[str, str]],
     rows = []
     for comparison_id, treatment, other in frame.itertuples(index=False):
         rows.append((comparison_id, True, treatment))
-        if comparator.kind == "active":
+        if comparator.single_drug:
             rows.append((comparison_id, False, other))
         elif comparator.kind == "other_candidates":
             rows += [(comparison_id, False, c) for c in candidates if c != treatment]
@@ -87,7 +88,7 @@ def build_comparator_entries(source: RecordSource, comparator: ComparatorDef) ->
     con = source.con
     params = {"seed": comparator.seed}
     probability = presample_probability_sql(comparator)
-    if comparator.kind == "active":
+    if comparator.single_drug:
         con.execute("""
             CREATE OR REPLACE TEMP TABLE cf_comparator_raw AS
             SELECT c.comparison_id, e.set_name, e.person_id, e.index_date, e.episode_end,

@@ -70,7 +70,11 @@ DRUG_EXPOSURE_RECORDS = (2, "drug_exposure", "drug_concept_id", "drug_exposure_s
 VISIT_RECORDS = (6, "visit_occurrence", "visit_concept_id", "visit_start_date", "visit_end_date")
 CHARLSON_RECORDS = (91, "condition_occurrence", "condition_concept_id", "condition_start_date",
                     None)
-SEX, AGE_GROUP, INDEX_YEAR, INDEX_MONTH = 901, 902, 903, 904
+SEX, AGE_GROUP, INDEX_YEAR, INDEX_MONTH, DISEASE_DURATION = 901, 902, 903, 904, 905
+# Days from a disease cohort's first diagnosis to time zero: (value, lowest, highest, label).
+DISEASE_BANDS = ((1, 0, 30, "0-30 days"), (2, 31, 90, "31-90 days"), (3, 91, 180, "91-180 days"),
+                 (4, 181, 365, "181-365 days"), (5, 366, 730, "1-2 years"),
+                 (6, 731, 1825, "2-5 years"), (7, 1826, None, "5 years or more"))
 CHARLSON_SCORE, CHARLSON_CATEGORY = 910, 911
 FIRST_VALUE_ANALYSIS = 900  # analyses below are concept ids (arm concepts excluded from them)
 
@@ -198,6 +202,12 @@ def _analyses(design: CohortDesign) -> pd.DataFrame:
             (INDEX_MONTH, "demographics", "index_month", None, None, None, None,
              f"month * 1000 + {INDEX_MONTH}", "calendar month of time zero (1-12)"),
         ]
+    if design.disease is not None:
+        bands = ", ".join(label for *_v, label in DISEASE_BANDS)
+        rows.append((DISEASE_DURATION, "disease", "disease_duration", None, None, 0, None,
+                     f"band (1-{len(DISEASE_BANDS)}) * 1000 + {DISEASE_DURATION}",
+                     f"days from the first record of {design.disease.concept_set} (the disease "
+                     f"cohort's diagnosis) to time zero, in bands {bands}"))
     if "charlson" in domains:
         end = charlson_end_day(design)
         bands = ", ".join(label for *_v, label in CHARLSON_BANDS)
@@ -278,6 +288,8 @@ def build_covariates(
         entry_parts.append(CHARLSON_PART)
         params["charlson_end_day"] = charlson_end_day(design)
     demographics = DEMOGRAPHICS_PART if "demographics" in domains else None
+    if design.disease is not None:
+        entry_parts.append(DISEASE_PART)
     if concept_parts:
         union = " UNION ALL ".join(f"({part})" for part in concept_parts)
         entry_parts.insert(0, f"SELECT DISTINCT entry_id, covariate_id FROM ({union})")
@@ -328,17 +340,20 @@ def build_covariates(
 
 
 def _entries(con: duckdb.DuckDBPyConnection) -> None:
-    """cf_covariate_entry(entry_id, person_id, index_date, year_of_birth, gender_concept_id):
-    each distinct cohort entry once, numbered by person; cf_cohort gains its rows' entry_id."""
-    con.execute("""
+    """cf_covariate_entry(entry_id, person_id, index_date, year_of_birth, gender_concept_id,
+    disease_onset): each distinct cohort entry once, numbered by person; cf_cohort gains its
+    rows' entry_id."""
+    columns = [row[0] for row in con.execute("DESCRIBE cf_cohort").fetchall()]
+    onset = ("any_value(disease_onset)" if "disease_onset" in columns else "NULL::DATE")
+    con.execute(f"""
         CREATE OR REPLACE TEMP TABLE cf_covariate_entry AS
         SELECT (row_number() OVER (ORDER BY person_id, index_date))::BIGINT AS entry_id,
-               person_id, index_date, year_of_birth, gender_concept_id
+               person_id, index_date, year_of_birth, gender_concept_id, disease_onset
         FROM (SELECT person_id, index_date, any_value(year_of_birth) AS year_of_birth,
-                     any_value(gender_concept_id) AS gender_concept_id
+                     any_value(gender_concept_id) AS gender_concept_id,
+                     {onset} AS disease_onset
               FROM cf_cohort GROUP BY person_id, index_date)
     """)
-    columns = [row[0] for row in con.execute("DESCRIBE cf_cohort").fetchall()]
     kept = "h.* EXCLUDE (entry_id)" if "entry_id" in columns else "h.*"
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE cf_cohort AS
@@ -559,13 +574,25 @@ DEMOGRAPHICS_PART = f"""
 """
 
 
+DISEASE_PART = f"""
+    SELECT entry_id,
+           CASE {" ".join(f"WHEN days <= {high} THEN {value}" for value, _low, high, _label
+                          in DISEASE_BANDS if high is not None)}
+                ELSE {DISEASE_BANDS[-1][0]} END::BIGINT * 1000 + {DISEASE_DURATION}
+               AS covariate_id
+    FROM (SELECT entry_id, datediff('day', disease_onset, index_date) AS days
+          FROM cf_covariate_entry WHERE disease_onset IS NOT NULL AND disease_onset <= index_date)
+"""
+
+
 def _reference(source: RecordSource) -> pd.DataFrame:
     """covariate_ref for the ids in cf_covariate, named from cf_covariate_analysis."""
     con = source.con
     labels = pd.DataFrame(
         [(CHARLSON_SCORE, value, label) for value, _low, _high, label in CHARLSON_BANDS]
         + [(CHARLSON_CATEGORY, c.category_id, c.name) for c in CHARLSON_CATEGORIES]
-        + [(INDEX_MONTH, month, name) for month, name in enumerate(MONTHS, start=1)],
+        + [(INDEX_MONTH, month, name) for month, name in enumerate(MONTHS, start=1)]
+        + [(DISEASE_DURATION, value, label) for value, _low, _high, label in DISEASE_BANDS],
         columns=["analysis_id", "value", "label"])
     _register(con, "cf_covariate_value_label", labels, {"value": "BIGINT"})
     reference = con.execute(f"""
@@ -589,6 +616,8 @@ def _reference(source: RecordSource) -> pd.DataFrame:
                         || (p.value * 5 + 4)::VARCHAR
                    WHEN 'index_year' THEN 'index year: ' || p.value::VARCHAR
                    WHEN 'index_month' THEN 'index month: ' || coalesce(l.label, p.value::VARCHAR)
+                   WHEN 'disease_duration' THEN 'days since the first diagnosis: '
+                        || coalesce(l.label, p.value::VARCHAR)
                    WHEN 'charlson_score' THEN 'Charlson index (Romano), conditions up to day '
                         || a.window_end::VARCHAR || ': ' || coalesce(l.label, p.value::VARCHAR)
                    WHEN 'charlson_category' THEN 'Charlson category, conditions up to day '

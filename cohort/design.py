@@ -72,20 +72,64 @@ class ScreenDef:
 
 
 @dataclass(frozen=True)
+class BatteryDef:
+    """A battery of emulated trials per candidate, each against one other screened drug.
+
+    `random` trials draw comparator drugs at random from the other selected candidates;
+    `same_class` trials take the other selected candidates that share an ATC class of level
+    `atc_level` with the candidate (None: all of them, else at most that many, drawn at
+    random). Draws are a stable hash of (candidate, comparator drug, strategy, seed).
+    """
+
+    random: int = 10
+    same_class: int | None = 10
+    atc_level: int = 2
+
+    @property
+    def strategies(self) -> tuple[str, ...]:
+        """The comparator strategies this battery runs, in study order."""
+        return tuple(name for name, size in (("random", self.random),
+                                             ("same_class", self.same_class))
+                     if size is None or size > 0)
+
+
+@dataclass(frozen=True)
 class ComparatorDef:
     """What each candidate is compared with.
 
     active: new users of one named drug; other_candidates: new users of any other candidate
     (time zero = first such exposure); non_users: persons not exposed to the candidate by time
-    zero, given a time zero by `index_rule`. `max_ratio` samples the comparator arm down to at
-    most that many persons per treated person (a stable hash of person and comparison).
+    zero, given a time zero by `index_rule`; battery: several trials per candidate, each against
+    new users of one other drug (`battery` says which). `max_ratio` samples the comparator arm
+    down to at most that many persons per treated person (a stable hash of person and
+    comparison).
     """
 
-    kind: Literal["active", "other_candidates", "non_users"] = "active"
+    kind: Literal["active", "other_candidates", "non_users", "battery"] = "active"
     name: str | None = None
     index_rule: Literal["matched_calendar", "random_visit"] = "matched_calendar"
     max_ratio: float | None = None
     seed: int = 0
+    battery: BatteryDef | None = None
+
+    @property
+    def single_drug(self) -> bool:
+        """Each comparison's comparator arm is the new users of one named drug."""
+        return self.kind in ("active", "battery")
+
+    @property
+    def pooled(self) -> bool:
+        """The comparator arm is built per candidate from a pool (other candidates, non-users)."""
+        return self.kind in ("other_candidates", "non_users")
+
+
+@dataclass(frozen=True)
+class DiseaseDef:
+    """A disease cohort: time zero must fall `window` days after the first record of the
+    disease's concept set (inclusive; None = no upper bound)."""
+
+    concept_set: str
+    window: tuple[int, int | None] = (0, None)
 
 
 @dataclass(frozen=True)
@@ -126,7 +170,8 @@ class CohortDesign:
     study_end: date | None = None            # time zero on or before
     common_period: bool = False
     criteria: tuple[Criterion, ...] = ()
-    both_arms: Literal["remove", "first", "keep"] = "remove"
+    both_arms: Literal["remove", "first", "keep", "treated"] = "remove"
+    disease: DiseaseDef | None = None
     # follow-up
     risk_start_anchor: Literal["time_zero", "exposure_end"] = "time_zero"
     risk_end_anchor: Literal["time_zero", "exposure_end"] = "time_zero"

@@ -32,7 +32,36 @@ def arm_steps(design: CohortDesign) -> list[tuple[str, str, str]]:
     if design.sexes:
         names = ", ".join(GENDER_NAMES.get(s, f"gender concept {s}") for s in design.sexes)
         steps.append(("sex", f"sex: {names}", "sex_ok"))
+    if design.disease:
+        steps.append(("disease", _disease_description(design), "disease_ok"))
     return steps
+
+
+def _disease_description(design: CohortDesign) -> str:
+    assert design.disease is not None
+    start, end = design.disease.window
+    span = f"{start} or more days" if end is None else f"{start} to {end} days"
+    return (f"time zero {span} after the first record of {design.disease.concept_set} "
+            "(disease cohort)")
+
+
+def build_disease_onset(source: RecordSource, design: CohortDesign) -> None:
+    """Create temp table cf_disease_onset(person_id, onset_date): each person's first record of
+    the disease concept set (once per run; the disease cohort's anchor and a covariate)."""
+    if design.disease is None:
+        return
+    con = source.con
+    exists = con.execute("SELECT count(*) FROM duckdb_tables() "
+                         "WHERE table_name = 'cf_disease_onset' AND temporary").fetchone()
+    if exists and exists[0]:
+        return
+    events = concept_set_events(source, [design.disease.concept_set], "population.disease")
+    con.execute(f"""
+        CREATE TEMP TABLE cf_disease_onset AS
+        WITH event AS ({events})
+        SELECT person_id, min(start_date) AS onset_date FROM event
+        WHERE person_id IS NOT NULL GROUP BY person_id
+    """, {"event_sets": [design.disease.concept_set]})
 
 
 def criteria_steps(design: CohortDesign) -> list[tuple[str, str, str]]:
@@ -63,6 +92,12 @@ def _age_description(design: CohortDesign) -> str:
 def flag_entries(source: RecordSource, design: CohortDesign, raw: str, out: str) -> None:
     """Create temp table `out` from entries table `raw` (internal names) with rule flags."""
     con = source.con
+    build_disease_onset(source, design)
+    disease_join = ("LEFT JOIN cf_disease_onset dx ON dx.person_id = j.person_id"
+                    if design.disease else
+                    "LEFT JOIN (SELECT NULL::BIGINT AS person_id, NULL::DATE AS onset_date "
+                    "WHERE false) dx ON dx.person_id = j.person_id")
+    disease_window = design.disease.window if design.disease else (0, None)
     death = ("SELECT person_id, min(death_date) AS death_date FROM death "
              "WHERE death_date IS NOT NULL GROUP BY person_id"
              if "death" in source.tables and "death_date" in source.tables["death"] else
@@ -129,12 +164,18 @@ def flag_entries(source: RecordSource, design: CohortDesign, raw: str, out: str)
                    OR coalesce(list_contains($sexes::BIGINT[], j.gender_concept_id), false)
                    AS sex_ok,
                coalesce(datediff('day', j.op_start, j.index_date) >= $washout, false)
-                   AS washout_observed
+                   AS washout_observed,
+               dx.onset_date AS disease_onset,
+               coalesce(datediff('day', dx.onset_date, j.index_date)
+                            BETWEEN $disease_from AND coalesce($disease_to::INTEGER, 2147483647),
+                        false) AS disease_ok
         FROM joined j LEFT JOIN death_row dr ON dr.person_id = j.person_id
+        {disease_join}
     """, {"study_start": design.study_start, "study_end": design.study_end,
           "prior": design.prior_observation_days, "min_age": design.min_age,
           "max_age": design.max_age, "sexes": list(design.sexes),
-          "washout": design.washout_days})
+          "washout": design.washout_days, "disease_from": disease_window[0],
+          "disease_to": disease_window[1]})
     _flag_criteria(source, design.criteria, out)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from cohort.battery import battery_trials
 from cohort.cohorts import EXPOSURE_COLUMNS, build_cohorts, comparator_of
 from cohort.concepts import concept_set_labels, resolve_concept_sets
 from cohort.covariates import build_covariates, domain_records
@@ -35,7 +36,8 @@ class PreparedStudy:
     """What preparation produced: the workspace and the tables every later step needs."""
 
     workspace: Path
-    comparisons: pd.DataFrame   # comparison_id, treatment, comparator, n_treated, n_comparator
+    comparisons: pd.DataFrame   # comparison_id, treatment, comparator, strategy, trial,
+    #                             n_treated, n_comparator, cohort_note
     outcomes: pd.DataFrame      # outcome_id, outcome, role, concept_ids
     attrition: pd.DataFrame
     warnings: list[str] = field(default_factory=list)
@@ -86,18 +88,31 @@ def prepare_study(source: RecordSource, design: CohortDesign, workspace: Path) -
     warnings += data_warnings(source, design)
     lap("concept_sets")
     concept_sets, comparisons, screen = dict(design.concept_sets), list(design.comparisons), None
+    comparator = comparator_of(design)
+    trials = pd.DataFrame({"strategy": [comparator.kind] * len(comparisons), "trial": None})
     if design.screen is not None:
         screen = screen_candidates(source, design)
         candidates = screen_concept_sets(screen)
         _check_screen(source, design, screen)
         concept_sets.update(candidates)
-        comparator = comparator_of(design)
         comparisons = [(name, comparator.name or comparator.kind) for name in candidates]
+        if comparator.kind == "battery":
+            assert comparator.battery is not None
+            trials, plan, notes = battery_trials(source, comparator.battery,
+                                                 screen[screen["selected"]], comparator.seed)
+            warnings += notes
+            screen = screen.merge(plan, on="set_name", how="left")
+            comparisons = list(zip(trials["treatment"], trials["comparator"], strict=True))
+        else:
+            trials = pd.DataFrame({"strategy": [comparator.kind] * len(comparisons),
+                                   "trial": None})
         lap("screen")
     _check_arms_have_concepts(source, design, comparisons)
     attrition = build_cohorts(source, design, comparisons)
     _check_cohorts(source, attrition)
     warnings += _cohort_warnings(source)
+    cohort_notes = arm_loss_notes(attrition)
+    warnings += arm_loss_warnings(attrition, cohort_notes, comparisons)
     lap("cohorts")
     outcomes = build_outcomes(source, design)
     _check_outcome_events(source, design)
@@ -136,6 +151,9 @@ def prepare_study(source: RecordSource, design: CohortDesign, workspace: Path) -
                 WHERE s.set_name = o.outcome) AS concept_ids
         FROM cf_outcome o ORDER BY o.outcome_id
     """).df()
+    comparisons["strategy"] = list(trials["strategy"])
+    comparisons["trial"] = pd.array(list(trials["trial"]), dtype="Int64")
+    comparisons["cohort_note"] = comparisons["comparison_id"].map(cohort_notes)
     labels = concept_set_labels(source, concept_sets).set_index("set_name")
     for frame, name_column, prefix in ((comparisons, "treatment", "treatment_"),
                                        (comparisons, "comparator", "comparator_"),
@@ -178,7 +196,8 @@ def _check_screen(source: RecordSource, design: CohortDesign, screen: pd.DataFra
     """A screen that selects no ingredient (or, against other candidates, only one) says why."""
     assert design.screen is not None
     chosen = int(screen["selected"].sum())
-    other_candidates = comparator_of(design).kind == "other_candidates"
+    kind = comparator_of(design).kind
+    other_candidates = kind in ("other_candidates", "battery")
     if chosen >= (2 if other_candidates else 1):
         return
     top = screen.sort_values("eligible_new_users", ascending=False).head(3)
@@ -186,7 +205,7 @@ def _check_screen(source: RecordSource, design: CohortDesign, screen: pd.DataFra
     raise SourceError(
         f"{source.path}: treatments screen: {chosen} ingredient(s) have at least "
         f"{design.screen.min_new_users} eligible new users"
-        + (" (other_candidates needs two)" if other_candidates else "")
+        + (f" ({kind} needs two)" if other_candidates else "")
         + f"; the largest: {largest or 'none'}")
 
 
@@ -265,6 +284,41 @@ def _check_cohorts(source: RecordSource, attrition: pd.DataFrame) -> None:
                        f"{empty['step']} ({empty['description']})")
     raise SourceError(f"{source.path}: no comparison has persons in both arms; "
                       f"{'; '.join(details)}")
+
+
+# Steps that depend on the comparison, not on the person alone: losing most of a candidate's
+# eligible new users at one of them is a design choice biting, worth a warning.
+COMPARISON_STEPS = ("not_exposed", "washout", "not_in_both", "common_period", "at_risk")
+
+
+def arm_loss_notes(attrition: pd.DataFrame) -> dict[int, str]:
+    """comparison_id -> why an arm shrank: the comparison rules that removed more than half of
+    an arm's persons (or emptied it). Text only, no counts (those are in attrition)."""
+    steps = attrition[attrition["outcome"].isna()].sort_values(["comparison_id", "step_index"])
+    notes: dict[int, str] = {}
+    for arm, column in (("treated", "treated_persons"), ("comparator", "comparator_persons")):
+        before = steps.groupby("comparison_id")[column].shift(1)
+        hit = steps[steps["step"].isin(COMPARISON_STEPS) & (before > 0)
+                    & (steps[column] < 0.5 * before)]
+        for row in hit.itertuples():
+            what = "emptied" if getattr(row, column) == 0 else "removed more than half of"
+            text = f"rule {row.step} {what} the {arm} arm"
+            cid = int(row.comparison_id)
+            notes[cid] = f"{notes[cid]}; {text}" if cid in notes else text
+    return notes
+
+
+def arm_loss_warnings(attrition: pd.DataFrame, notes: dict[int, str],
+                      comparisons: list[tuple[str, str]]) -> list[str]:
+    """One run warning per rule that shrank arms, naming up to five comparisons it hit."""
+    by_rule: dict[str, list[str]] = {}
+    for cid, text in notes.items():
+        treatment, comparator = comparisons[cid - 1]
+        for part in text.split("; "):
+            by_rule.setdefault(part, []).append(f"{treatment} vs {comparator}")
+    return [f"{rule} in {len(hit)} comparison(s) ({', '.join(hit[:5])}"
+            f"{', ...' if len(hit) > 5 else ''}; see attrition)"
+            for rule, hit in by_rule.items()]
 
 
 def _cohort_warnings(source: RecordSource) -> list[str]:

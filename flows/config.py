@@ -31,11 +31,13 @@ from cohort.atlas import read_atlas_concept_set
 from cohort.design import (
     COVARIATE_DOMAINS,
     DEATH,
+    BatteryDef,
     CohortDesign,
     ComparatorDef,
     ConceptItem,
     ConceptSetDef,
     Criterion,
+    DiseaseDef,
     OutcomeDef,
     ScreenDef,
 )
@@ -144,30 +146,85 @@ class NonUsers(_Strict):
     index: Literal["matched_calendar", "random_visit"] = "matched_calendar"
 
 
+class Battery(_Strict):
+    """Trials per candidate against single drugs: `random` ones drawn from the other screened
+    ingredients, `same_class` ones from those sharing an ATC class of `atc_level` ("all", or
+    at most that many drawn at random; 0 = none)."""
+
+    random: int = Field(10, ge=0, le=1000)
+    same_class: int | Literal["all"] = 10
+    atc_level: int = Field(2, ge=1, le=5)
+
+    @field_validator("same_class")
+    @classmethod
+    def _same_class(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 0 <= value <= 1000:
+            raise ValueError(f"expected 0 to 1000 trials or 'all', got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Battery:
+        if self.random == 0 and self.same_class == 0:
+            raise ValueError("a battery needs random or same_class trials (both are 0)")
+        return self
+
+
 class Comparator(_Strict):
-    """{active: NAME} | {other_candidates: true} | {non_users: {index: ...}}, optionally with
-    max_ratio (comparator persons per treated person, sampled at random) and seed."""
+    """{active: NAME} | {other_candidates: true} | {non_users: {index: ...}} |
+    {battery: {random: N, same_class: N | all, atc_level: 2}}, optionally with max_ratio
+    (comparator persons per treated person, sampled at random) and seed."""
 
     active: str | None = None
     non_users: NonUsers | None = None
     other_candidates: bool | None = None
+    battery: Battery | None = None
     max_ratio: float | None = Field(None, gt=0, le=1000)
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
     @model_validator(mode="after")
     def _check(self) -> Comparator:
-        given = [k for k in ("active", "non_users", "other_candidates")
+        given = [k for k in ("active", "non_users", "other_candidates", "battery")
                  if getattr(self, k) not in (None, False)]
         if len(given) != 1:
-            raise ValueError("expected exactly one of {active: NAME}, {other_candidates: true} "
-                             "or {non_users: {index: matched_calendar | random_visit}}")
+            raise ValueError("expected exactly one of {active: NAME}, {other_candidates: true}, "
+                             "{non_users: {index: matched_calendar | random_visit}} or "
+                             "{battery: {random: N, same_class: N}}")
         return self
 
     @property
     def kind(self) -> str:
         if self.active is not None:
             return "active"
+        if self.battery is not None:
+            return "battery"
         return "other_candidates" if self.other_candidates else "non_users"
+
+
+class Disease(_Strict):
+    """A disease cohort: time zero falls `window` days after the disease's first record."""
+
+    concept_set: str
+    window: tuple[int, int | None] = (0, None)
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: tuple[int, int | None]) -> tuple[int, int | None]:
+        start, end = value
+        if start < 0:
+            raise ValueError(f"window [{start}, {end}] starts before the diagnosis; time zero "
+                             "must follow it (start >= 0)")
+        if end is not None and end < start:
+            raise ValueError(f"window [{start}, {end}] starts after it ends")
+        if end is not None and end > 36_500:
+            raise ValueError(f"window [{start}, {end}] reaches more than 100 years")
+        return value
+
+
+class Propensity(_Strict):
+    """How each comparison's propensity model is chosen and fitted."""
+
+    selection: Literal["likelihood", "balance"] = "likelihood"
+    max_persons_per_arm: int | None = Field(250_000, ge=100, le=100_000_000)
 
 
 class Screen(_Strict):
@@ -190,7 +247,8 @@ class Population(_Strict):
     require: list[CriterionSpec] = Field(default_factory=list)
     exclude: list[CriterionSpec] = Field(default_factory=list)
     indication: CriterionSpec | None = None
-    both_arms: Literal["remove", "first", "keep"] | None = None
+    disease: Disease | None = None
+    both_arms: Literal["remove", "first", "keep", "treated"] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Population:
@@ -301,6 +359,10 @@ class Diagnostics(_Strict):
     min_equipoise: float = Field(0.2, ge=0, le=1)
     max_mdrr: float = Field(10.0, gt=1)
     max_ease: float = Field(0.25, gt=0)
+    # a trial is balanced when at most this share of covariates has |SMD| > max_smd (Zang: 2%)
+    max_share_imbalanced: float | None = Field(None, ge=0, le=1)
+    # a screened candidate is reported when at least this share of its trials balance
+    min_balanced_rate: float = Field(0.1, ge=0, le=1)
 
 
 class PositiveControls(_Strict):
@@ -358,6 +420,7 @@ class StudyConfig(_Strict):
     estimators: list[str] = Field(default_factory=lambda: list(DEFAULT_ESTIMATORS))
     horizon_days: int | None = None
     diagnostics: Diagnostics = Field(default_factory=Diagnostics)
+    propensity: Propensity = Field(default_factory=Propensity)
     min_cell_count: int = Field(5, ge=0, le=1000)
     schedule: str | None = None
     execution: Execution | None = None
@@ -482,6 +545,8 @@ class StudyConfig(_Strict):
         criteria = [("population.require", c) for c in population.require] + [
             ("population.exclude", c) for c in population.exclude] + (
             [("population.indication", population.indication)] if population.indication else [])
+        if population.disease:
+            criteria.append(("population.disease", population.disease))
         checks += [(f"{field}.concept_set", [c.concept_set]) for field, c in criteria]
         for field, names in checks:
             for name in names:
@@ -494,6 +559,9 @@ class StudyConfig(_Strict):
             raise ValueError(
                 f"comparator.active: {self.comparator.active!r} is also a treatment"
             )
+        if self.comparator.kind == "battery" and screen is None:
+            raise ValueError("comparator.battery: draws comparator drugs from a screen; use "
+                             "treatments: {screen: {...}}")
         if (self.comparator.kind == "other_candidates" and screen is None
                 and len(self.treatment_names) < 2):
             raise ValueError("comparator.other_candidates: needs at least two treatments (or a "
@@ -552,7 +620,9 @@ class StudyConfig(_Strict):
                                   if population.indication else []))
             for c in listed)
         both_arms = population.both_arms or {"active": "remove", "other_candidates": "first",
-                                             "non_users": "keep"}[kind]
+                                             "non_users": "keep", "battery": "treated"}[kind]
+        battery = comparator.battery
+        disease = population.disease
         return CohortDesign(
             concept_sets=sets,
             exposure_table=self.exposure_table,
@@ -569,9 +639,13 @@ class StudyConfig(_Strict):
             min_prevalence=self.covariates.min_prevalence,
             screen=(ScreenDef(screen.level, screen.min_new_users, tuple(screen.exclude))
                     if screen else None),
-            comparator=ComparatorDef(kind, comparator.active,
-                                     comparator.non_users.index if comparator.non_users
-                                     else "matched_calendar", max_ratio, comparator.seed),
+            comparator=ComparatorDef(
+                kind, comparator.active,
+                comparator.non_users.index if comparator.non_users else "matched_calendar",
+                max_ratio, comparator.seed,
+                BatteryDef(battery.random,
+                           None if battery.same_class == "all" else battery.same_class,
+                           battery.atc_level) if battery else None),
             max_age=population.max_age,
             sexes=tuple(GENDERS.get(s, s) for s in population.sex),
             study_start=population.study_start,
@@ -579,6 +653,7 @@ class StudyConfig(_Strict):
             common_period=population.common_period,
             criteria=criteria,
             both_arms=both_arms,
+            disease=DiseaseDef(disease.concept_set, tuple(disease.window)) if disease else None,
             risk_start_anchor=follow_up.start_anchor,
             risk_end_anchor=follow_up.anchor_end,
             gap_days=follow_up.gap_days_resolved,

@@ -136,7 +136,7 @@ BAD_FILES = [
     (GOOD.replace("  o: {include: [201]}", "  o: {include: [201]}\n  non_users: {include: [9]}"),
      r"concept-set name 'non_users' is reserved"),
     (GOOD + "population: {both_arms: sometimes}\n",
-     r"both_arms: Input should be 'remove', 'first' or 'keep'"),
+     r"both_arms: Input should be 'remove', 'first', 'keep' or 'treated'"),
     (GOOD + "positive_controls: {effect_sizes: [2]}\n",
      r"positive_controls: synthetic positive controls are built from negative controls"),
     (GOOD + "negative_controls: [555]\npositive_controls: {effect_sizes: [0.5]}\n",
@@ -202,7 +202,7 @@ def test_every_documented_key_is_known():
                   "treatments", "comparator", "time_zero", "population", "outcomes",
                   "negative_controls", "follow_up", "covariates", "estimators", "horizon_days",
                   "diagnostics", "min_cell_count", "schedule", "positive_controls",
-                  "execution"}
+                  "execution", "propensity"}
     assert documented == set(StudyConfig.model_fields)
 
 
