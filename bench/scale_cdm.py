@@ -14,7 +14,9 @@ Shape, per 1,000,000 persons (everything scales linearly with `persons`):
     are log-spaced from 0.03% to 4% (so 300 to 40,000 users each): ~60M drug and condition
     records in all;
   - procedure_occurrence and measurement: ~2M records each (500 and 200 concepts);
-  - concept (names, domains; ~7,000 clinical concepts), concept_ancestor (self rows), an empty
+  - concept (names, domains; ~7,000 clinical concepts; ATC-like classes: the candidates in 9
+    2nd-level classes under one group, the noise ingredients and the comparator under another),
+    concept_ancestor (self rows and the class hierarchy), an empty
     drug_exposure, observation, death, visit_occurrence and concept_relationship, cdm_source.
 A latent per-person frailty (log-normal, mean 1) multiplies both the record counts and the
 chance of using each study drug, so users have denser histories than non-users (a little
@@ -41,8 +43,9 @@ import duckdb
 
 from cohort.synthetic import CDM_SCHEMA
 
-GENERATOR_VERSION = 1
-"""Bumped whenever the same size and seed would produce different data (the cache key)."""
+GENERATOR_VERSION = 2
+"""Bumped whenever the same size and seed would produce different data (the cache key).
+2: ATC classes in the vocabulary (records unchanged)."""
 VOCABULARY_ID = "Cohortflow Bench"
 GENDER_MALE, GENDER_FEMALE = 8507, 8532
 _BASE = 2_000_000_000  # OMOP local concept ids
@@ -58,6 +61,13 @@ MEASUREMENT_BASE = _BASE + 400_000
 # Condition ranks (0 = most frequent) of the outcomes and negative controls: common to rare.
 OUTCOME_IDS = tuple(CONDITION_BASE + 40 + 60 * k for k in range(20))
 NEGATIVE_CONTROL_IDS = tuple(CONDITION_BASE + 70 + 60 * k for k in range(50))
+# ATC-like classes for battery screens: the candidates in N_CLASSES 2nd-level classes (candidate
+# i in class i % N_CLASSES, so every class has at least 11 members) under one 1st-level group;
+# the noise ingredients and the comparator under a group of their own, which a screen excludes.
+N_CLASSES = 9
+ATC_BASE = _BASE + 500_000
+CANDIDATE_GROUP_ID, NOISE_GROUP_ID = ATC_BASE, ATC_BASE + 1
+CLASS_IDS = tuple(ATC_BASE + 10 + k for k in range(N_CLASSES))
 
 COMPARATOR_SHARE = 0.08
 CANDIDATE_SHARES = (3e-4, 4e-2)  # ever-user shares of the rarest and the commonest candidate
@@ -289,6 +299,10 @@ def _write_vocabulary(con: duckdb.DuckDBPyConnection, folder: Path, persons: int
             UNION ALL SELECT {MEASUREMENT_BASE} + i,
                              'measurement ' || lpad((i + 1)::VARCHAR, 3, '0'), 'Measurement',
                              'Lab Test' FROM range({N_MEASUREMENTS}) t(i)
+            UNION ALL SELECT {CANDIDATE_GROUP_ID}, 'candidate drugs', 'Drug', 'ATC 1st'
+            UNION ALL SELECT {NOISE_GROUP_ID}, 'other drugs', 'Drug', 'ATC 1st'
+            UNION ALL SELECT {CLASS_IDS[0]} + i, 'candidate class ' || (i + 1)::VARCHAR,
+                             'Drug', 'ATC 2nd' FROM range({N_CLASSES}) t(i)
             UNION ALL SELECT {GENDER_MALE}, 'MALE', 'Gender', 'Gender'
             UNION ALL SELECT {GENDER_FEMALE}, 'FEMALE', 'Gender', 'Gender'
             UNION ALL SELECT 32817, 'EHR', 'Type Concept', 'Type Concept'
@@ -297,17 +311,31 @@ def _write_vocabulary(con: duckdb.DuckDBPyConnection, folder: Path, persons: int
     """)
     _copy(con, folder, "concept", {
         "concept_id": "concept_id", "concept_name": "concept_name", "domain_id": "domain_id",
-        "vocabulary_id": f"CASE WHEN concept_id >= {_BASE} THEN '{VOCABULARY_ID}' "
+        "vocabulary_id": "CASE WHEN concept_class_id LIKE 'ATC %' THEN 'ATC' "
+                         f"WHEN concept_id >= {_BASE} THEN '{VOCABULARY_ID}' "
                          "WHEN domain_id = 'Gender' THEN 'Gender' ELSE 'Type Concept' END",
-        "concept_class_id": "concept_class_id", "standard_concept": "'S'",
+        "concept_class_id": "concept_class_id",
+        "standard_concept": "CASE WHEN concept_class_id LIKE 'ATC %' THEN 'C' ELSE 'S' END",
         "concept_code": f"CASE WHEN concept_id >= {_BASE} THEN 'CB' || (concept_id - {_BASE})"
                         "::VARCHAR ELSE concept_id::VARCHAR END",
         "valid_start_date": "DATE '1970-01-01'", "valid_end_date": "DATE '2099-12-31'",
     }, "bench_concept")
+    con.execute(f"""
+        CREATE TEMP TABLE bench_ancestor AS
+        SELECT concept_id AS ancestor, concept_id AS descendant, 0 AS levels FROM bench_concept
+        UNION ALL SELECT {CLASS_IDS[0]} + i % {N_CLASSES}, {CANDIDATE_IDS[0]} + i, 1
+                  FROM range({N_CANDIDATES}) t(i)
+        UNION ALL SELECT {CANDIDATE_GROUP_ID}, {CANDIDATE_IDS[0]} + i, 2
+                  FROM range({N_CANDIDATES}) t(i)
+        UNION ALL SELECT {CANDIDATE_GROUP_ID}, {CLASS_IDS[0]} + i, 1 FROM range({N_CLASSES}) t(i)
+        UNION ALL SELECT {NOISE_GROUP_ID}, {NOISE_DRUG_BASE} + i, 1
+                  FROM range({N_NOISE_DRUGS}) t(i)
+        UNION ALL SELECT {NOISE_GROUP_ID}, {COMPARATOR_ID}, 1
+    """)
     _copy(con, folder, "concept_ancestor", {
-        "ancestor_concept_id": "concept_id", "descendant_concept_id": "concept_id",
-        "min_levels_of_separation": "0", "max_levels_of_separation": "0",
-    }, "bench_concept")
+        "ancestor_concept_id": "ancestor", "descendant_concept_id": "descendant",
+        "min_levels_of_separation": "levels", "max_levels_of_separation": "levels",
+    }, "bench_ancestor")
     _copy(con, folder, "cdm_source", {
         "cdm_source_name": "'Cohortflow national-scale benchmark CDM'",
         "cdm_source_abbreviation": "'cohortflow_bench'", "cdm_holder": "'cohortflow'",

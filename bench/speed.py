@@ -65,7 +65,7 @@ FULL_COVARIATES = {"windows": [[-365, -1], [-30, -1]],
                    "domains": ["condition", "drug", "procedure", "measurement", "demographics"]}
 BASELINE_DOMAINS = ["condition", "drug", "demographics"]  # + Rules.covariate_window
 SAMPLE_SECONDS = 0.25
-PREPARE_STAGES = ("concept_sets", "cohorts", "outcomes", "covariates", "write_workspace")
+PREPARE_STAGES = ("concept_sets", "screen", "cohorts", "outcomes", "covariates", "write_workspace")
 # (module, function): timed in the measured child (summed over calls and worker threads)
 TIMED = (
     ("flows.pipeline", "preflight"), ("flows.pipeline", "source_fingerprint"),
@@ -390,7 +390,8 @@ def stage_breakdown(child: dict, record: dict) -> list[dict]:
         t.get("prepare", 0.0) - sum(prepare_stages.values()),
         "timer: pipeline.prepare - runs.timings.prepare_stages")
     for stage in PREPARE_STAGES:
-        group = "cohorts" if stage in ("concept_sets", "cohorts", "outcomes") else "covariates"
+        group = ("cohorts" if stage in ("concept_sets", "screen", "cohorts", "outcomes")
+                 else "covariates")
         add(group, f"prepare_study: {stage}", prepare_stages.get(stage),
             "runs.timings.prepare_stages")
     analyze_wall = timings.get("analyze", 0.0)

@@ -48,7 +48,32 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"{file}: ok (study {study.config.study}, {listed}, "
               f"{len(study.config.outcomes)} outcome(s), "
               f"{len(study.config.negative_controls)} negative control(s))")
+        if args.arms:
+            _print_arms(study)
     return 0
+
+
+def _print_arms(study) -> None:
+    """Build the cohorts only (no estimation) and print each comparison's arm sizes, masked."""
+    import tempfile
+
+    from cohort.prepare import prepare_study
+    from flows.pipeline import open_study_source
+    from results.summary import mask_counts
+
+    source = open_study_source(study)
+    try:
+        with tempfile.TemporaryDirectory(prefix="cohortflow-arms-") as folder:
+            prepared = prepare_study(source, study.design(), Path(folder) / "workspace")
+    finally:
+        source.close()
+    columns = ["treatment", "comparator", "strategy", "trial", "n_treated", "n_comparator",
+               "cohort_note"]
+    shown = mask_counts(prepared.comparisons[columns], ["n_treated", "n_comparator"],
+                        study.config.min_cell_count)
+    print(shown.astype(object).where(shown.notna(), "").to_string(index=False))
+    for warning in prepared.warnings:
+        print(f"warning: {warning}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -138,7 +163,10 @@ def _print_summary(run: dict, args: argparse.Namespace, extra: Callable | None =
     print(f"\nrun {run['run_id']}: {run['n_comparisons']} comparison(s), "
           f"{run['n_estimates']} estimates ({run['n_estimates_failed']} failed) "
           f"in {seconds:.0f} s")
-    if len(wide) > SUMMARY_ROWS:  # a screen: per outcome the ranked, then the smallest p
+    if not study.config.treatment_names:  # a screen: one line per candidate
+        print(f"\ncandidates ({primary}; every one: cohortflow account, cohortflow rank):")
+        _print_account(Path(args.results), run["run_id"], None, primary)
+    elif len(wide) > SUMMARY_ROWS:  # per outcome the ranked, then the smallest p
         shown = _strongest_rows(wide, summary, primary)
         print(shown.to_string(index=False))
         print(f"... {len(shown)} of {len(wide)} rows (per outcome the ranked candidates, then "
@@ -216,13 +244,47 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
+    from results.account import screen_ranking, screen_runs
     from results.ranking import ranked_candidates
 
-    frame = ranked_candidates(
-        Path(args.results), study=args.study, outcome=args.outcome, direction=args.direction,
-        estimator=args.estimator, top=args.top, run_id=args.run)
-    _print_frame(frame, args.format, float_format="{:.3g}".format)
+    results = Path(args.results)
+    screens = screen_runs(results, study=args.study, run_id=args.run)
+    if not screens:
+        frame = ranked_candidates(
+            results, study=args.study, outcome=args.outcome, direction=args.direction,
+            estimator=args.estimator, top=args.top, run_id=args.run)
+        _print_frame(frame, args.format, float_format="{:.3g}".format)
+        return 0
+    for run_id in screens:  # a screen ranks candidates (its trials pooled), not comparisons
+        frame = screen_ranking(results, run_id, outcome=args.outcome, estimator=args.estimator,
+                               direction=args.direction, top=args.top)
+        if len(frame) or args.format != "table":
+            _print_frame(frame, args.format, float_format="{:.3g}".format)
+            continue
+        print(f"run {run_id}: no candidate is ranked; the account of every candidate:")
+        _print_account(results, run_id, args.outcome, args.estimator)
     return 0
+
+
+def cmd_account(args: argparse.Namespace) -> int:
+    from results.account import candidate_account
+
+    if args.format == "table":
+        _print_account(Path(args.results), args.run, args.outcome, args.estimator, args.study)
+        return 0
+    frame = candidate_account(Path(args.results), run_id=args.run, study=args.study,
+                              outcome=args.outcome, estimator=args.estimator)
+    _print_frame(frame, args.format)
+    return 0
+
+
+def _print_account(results: Path, run_id: str | None, outcome: str | None,
+                   estimator: str | None, study: str | None = None) -> None:
+    from results.account import account_lines, candidate_account
+
+    account = candidate_account(results, run_id=run_id, study=study, outcome=outcome,
+                                estimator=estimator)
+    print("\n".join(account_lines(account)))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -320,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("files", nargs="+")
     validate.add_argument("--no-source", action="store_true",
                           help="check the file only, not its source's tables and concepts")
+    validate.add_argument("--arms", action="store_true",
+                          help="also build the cohorts (no estimation) and print every "
+                               "comparison's arm sizes and what shrank them")
     validate.add_argument("--verbose", action="store_true")
     validate.set_defaults(func=cmd_validate)
 
@@ -361,6 +426,17 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--format", choices=("table", "csv", "json"), default="table")
     rank.add_argument("--verbose", action="store_true")
     rank.set_defaults(func=cmd_rank)
+
+    account = sub.add_parser("account", help="every candidate of a screen: eligible new users, "
+                                             "trials run/estimable/balanced, what became of it")
+    account.add_argument("--study")
+    account.add_argument("--run", help="a run id (default: the study's latest run)")
+    account.add_argument("--outcome")
+    account.add_argument("--estimator", help="default: the run's primary (iptw if run)")
+    account.add_argument("--results", type=Path, default=Path(DEFAULT_RESULTS))
+    account.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    account.add_argument("--verbose", action="store_true")
+    account.set_defaults(func=cmd_account)
 
     export = sub.add_parser("export", help="write a table or view for sharing, small counts "
                                            "masked (.parquet, .csv or .json)")

@@ -40,7 +40,7 @@ from estimators.comparison import OutcomeInput, analyze_comparison
 from estimators.errors import EstimationError
 from estimators.positive_controls import injected_outcomes
 from flows.config import LoadedStudy, StudyConfig, load_study
-from results.evidence import assemble_evidence
+from results.evidence import assemble_evidence, screen_evidence
 from results.gates import Thresholds
 from results.store import StoreError, open_store, write_run
 
@@ -329,15 +329,11 @@ def analyze(study_file: str, workspace: str, comparison_id: int) -> dict:
         "stages": {"load": round(loaded - started, 4), **result.seconds},
     }
     written = time.perf_counter()
+    keys = comparison_keys(labels, comparison_id)
     with _staged(workspace, comparison_id) as out:
-        pd.DataFrame(result.estimates).assign(
-            comparison_id=comparison_id, treatment=labels.treatment,
-            comparator=labels.comparator,
-        ).to_parquet(out / "estimates.parquet")
-        pd.DataFrame(result.diagnostics).assign(
-            comparison_id=comparison_id, treatment=labels.treatment,
-            comparator=labels.comparator,
-        ).to_parquet(out / "diagnostics.parquet")
+        pd.DataFrame(result.estimates).assign(**keys).to_parquet(out / "estimates.parquet")
+        pd.DataFrame(result.diagnostics).assign(**keys).to_parquet(
+            out / "diagnostics.parquet")
         _balance_frame(result.balance, data.covariate_ids, prepared.workspace).assign(
             comparison_id=comparison_id
         ).to_parquet(out / "balance.parquet")
@@ -351,13 +347,22 @@ def analyze(study_file: str, workspace: str, comparison_id: int) -> dict:
     return {**summary, "reused": False}
 
 
+def comparison_keys(labels: pd.Series, comparison_id: int) -> dict:
+    """The columns that say which comparison (and which trial of a battery) a row belongs to."""
+    trial = labels.get("trial")
+    return {"comparison_id": comparison_id, "treatment": labels.treatment,
+            "comparator": labels.comparator,
+            "strategy": labels.get("strategy"),
+            "trial": None if trial is None or pd.isna(trial) else int(trial)}
+
+
 def record_failure(study_file: str, workspace: str, comparison_id: int, message: str) -> dict:
     """Record an unexpected failure of one comparison as 'failed' rows (recomputed on resume)."""
     config = _study(study_file).config
     prepared = PreparedStudy.load(Path(workspace))
     labels = prepared.comparisons.set_index("comparison_id").loc[comparison_id]
-    rows = [{"comparison_id": comparison_id, "treatment": labels.treatment,
-             "comparator": labels.comparator, "outcome": outcome.outcome, "role": outcome.role,
+    rows = [{**comparison_keys(labels, comparison_id), "outcome": outcome.outcome,
+             "role": outcome.role,
              "estimator": estimator, "measure": "hr", "status": "failed", "message": message,
              "true_effect_size": 1.0 if outcome.role == "negative_control" else None}
             for outcome in prepared.outcomes.itertuples() for estimator in config.estimators]
@@ -445,9 +450,14 @@ def finalize(
         for label in ("concept_ids", "codes", "names"):
             estimates[f"outcome_{label}"] = base_outcome.map(outcomes[label])
     attrition = prepared.attrition.join(
-        comparisons[["treatment", "comparator"]], on="comparison_id"
+        comparisons.reindex(columns=["treatment", "comparator", "strategy"]), on="comparison_id"
     )
     tables["attrition"] = attrition
+    tables["comparisons"] = prepared.comparisons
+    tables["diagnostics"] = with_cohort_notes(tables["diagnostics"], comparisons)
+    if prepared.screen is not None and len(estimates):
+        tables["candidate_evidence"] = screen_evidence(
+            estimates, tables["diagnostics"], study.config.diagnostics.min_balanced_rate)
     if prepared.screen is not None:  # the treatment screen's expansion, with its counts
         tables["screen"] = prepared.screen
     analyze_stages: dict[str, float] = {}  # work summed over the comparisons run now
@@ -487,6 +497,17 @@ def finalize(
     }
     write_run(paths.results, run, tables)
     return run
+
+
+def with_cohort_notes(diagnostics: pd.DataFrame, comparisons: pd.DataFrame) -> pd.DataFrame:
+    """Diagnostics whose comparison lost most of an arm to a design rule say so in `reasons`."""
+    if not len(diagnostics) or "cohort_note" not in comparisons:
+        return diagnostics
+    notes = diagnostics["comparison_id"].map(comparisons["cohort_note"])
+    reasons = diagnostics["reasons"].fillna("").astype(str) if "reasons" in diagnostics else ""
+    joined = np.where(reasons == "", "cohort: " + notes.astype(str),
+                      reasons + "; cohort: " + notes.astype(str))
+    return diagnostics.assign(reasons=np.where(notes.notna(), joined, diagnostics.get("reasons")))
 
 
 def report(results: Path, run_id: str, data_dir: Path) -> Path:

@@ -22,3 +22,18 @@ def assemble_evidence(estimates: pd.DataFrame, diagnostics: pd.DataFrame,
         diagnostics.merge(nulls, on=["comparison_id", "estimator"], how="left"),
         estimates, thresholds)
     return rank_estimates(estimates, diagnostics), diagnostics
+
+
+def screen_evidence(estimates: pd.DataFrame, diagnostics: pd.DataFrame,
+                    min_balanced_rate: float) -> pd.DataFrame:
+    """A screen's candidate rows: each candidate's trials pooled per outcome, comparator
+    strategy and estimator, ranked, with IBM's "identified" (beneficial under every strategy)."""
+    from results.candidates import candidate_evidence, identified
+
+    rows = candidate_evidence(estimates, diagnostics, min_balanced_rate=min_balanced_rate)
+    if not len(rows):
+        return rows
+    keys = ["treatment", "outcome", "estimator"]
+    verdict = identified(rows)[[*keys, "identified"]]
+    return rows.drop(columns=["identified"], errors="ignore").merge(verdict, on=keys,
+                                                                    how="left")

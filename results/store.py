@@ -28,10 +28,14 @@ TABLES: dict[str, str] = {
         cdm_version VARCHAR, started_at TIMESTAMP, finished_at TIMESTAMP, status VARCHAR,
         n_comparisons INTEGER, n_outcomes INTEGER, n_estimates INTEGER,
         n_estimates_failed INTEGER, warnings VARCHAR, versions VARCHAR, timings VARCHAR""",
+    "comparisons": """
+        run_id VARCHAR, comparison_id INTEGER, treatment VARCHAR, comparator VARCHAR,
+        strategy VARCHAR, trial INTEGER, n_treated BIGINT, n_comparator BIGINT,
+        cohort_note VARCHAR""",
     "attrition": """
         run_id VARCHAR, comparison_id INTEGER, treatment VARCHAR, comparator VARCHAR,
         outcome VARCHAR, step_index INTEGER, step VARCHAR, description VARCHAR,
-        treated_persons BIGINT, comparator_persons BIGINT""",
+        treated_persons BIGINT, comparator_persons BIGINT, strategy VARCHAR""",
     "diagnostics": """
         run_id VARCHAR, comparison_id INTEGER, treatment VARCHAR, comparator VARCHAR,
         outcome VARCHAR, estimator VARCHAR, n_treated BIGINT, n_comparator BIGINT,
@@ -42,7 +46,9 @@ TABLES: dict[str, str] = {
         smd_pass BOOLEAN, equipoise_pass BOOLEAN, mdrr_pass BOOLEAN, passed BOOLEAN,
         reasons VARCHAR, null_mean DOUBLE, null_sd DOUBLE, ease DOUBLE,
         n_negative_controls INTEGER, n_positive_controls INTEGER, calibration_note VARCHAR,
-        max_ease_threshold DOUBLE, ease_pass BOOLEAN""",
+        max_ease_threshold DOUBLE, ease_pass BOOLEAN, strategy VARCHAR, trial INTEGER,
+        share_imbalanced DOUBLE, max_share_imbalanced_threshold DOUBLE, share_pass BOOLEAN,
+        ps_selection VARCHAR, ps_covariates_selected INTEGER""",
     "balance": """
         run_id VARCHAR, comparison_id INTEGER, adjustment VARCHAR, covariate_id BIGINT,
         covariate_name VARCHAR, analysis VARCHAR, concept_id BIGINT,
@@ -56,7 +62,9 @@ TABLES: dict[str, str] = {
         arm VARCHAR, day DOUBLE, survival DOUBLE, at_risk BIGINT""",
     "screen": """
         run_id VARCHAR, ingredient_concept_id BIGINT, ingredient VARCHAR, set_name VARCHAR,
-        exposed_persons BIGINT, eligible_new_users BIGINT, selected BOOLEAN""",
+        exposed_persons BIGINT, eligible_new_users BIGINT, selected BOOLEAN,
+        atc_classes VARCHAR[], random_trials INTEGER, same_class_trials INTEGER,
+        battery_note VARCHAR""",
     "estimates": """
         run_id VARCHAR, comparison_id INTEGER, treatment VARCHAR, comparator VARCHAR,
         outcome VARCHAR, role VARCHAR, estimator VARCHAR, measure VARCHAR, estimand VARCHAR,
@@ -70,7 +78,17 @@ TABLES: dict[str, str] = {
         true_effect_size DOUBLE, calibrated_se DOUBLE, e_value DOUBLE, e_value_ci DOUBLE,
         q_value DOUBLE, rank INTEGER, treatment_codes VARCHAR[], treatment_names VARCHAR[],
         treatment_atc VARCHAR[], comparator_codes VARCHAR[], comparator_names VARCHAR[],
-        comparator_atc VARCHAR[], outcome_codes VARCHAR[], outcome_names VARCHAR[]""",
+        comparator_atc VARCHAR[], outcome_codes VARCHAR[], outcome_names VARCHAR[],
+        strategy VARCHAR, trial INTEGER""",
+    # one row per screened candidate x outcome x comparator strategy x estimator: the battery
+    # of trials pooled (results.candidates)
+    "candidate_evidence": """
+        run_id VARCHAR, treatment VARCHAR, outcome VARCHAR, role VARCHAR, strategy VARCHAR,
+        estimator VARCHAR, trials_run INTEGER, trials_estimable INTEGER,
+        trials_balanced INTEGER, balanced_rate DOUBLE, estimate DOUBLE, ci_low DOUBLE,
+        ci_high DOUBLE, se DOUBLE, p_value DOUBLE, q_value DOUBLE, calibrated BOOLEAN,
+        share_protective DOUBLE, share_harmful DOUBLE, reported BOOLEAN, rank INTEGER,
+        identified BOOLEAN, reason VARCHAR""",
 }
 RUN_TABLES = tuple(TABLES)
 DERIVED_TABLES = {"meta_analysis": META_COLUMNS}  # rebuilt per study when a run is written
@@ -94,6 +112,72 @@ VIEWS = {
         FROM estimates e JOIN runs r USING (run_id)
         WHERE e.rank IS NOT NULL""",
     "triangulation": TRIANGULATION_VIEW,
+    # Every screened ingredient of every run, with what became of it (results.account).
+    "candidate_account": """
+        WITH trial AS (
+            SELECT run_id, treatment, comparison_id, strategy, cohort_note,
+                   n_treated > 0 AND n_comparator > 0 AS both_arms
+            FROM comparisons
+        ), per_trial AS (
+            SELECT t.*, e.outcome, e.estimator, e.status, e.message, d.passed, d.reasons,
+                   d.ps_covariates_selected
+            FROM trial t
+            JOIN estimates e ON e.run_id = t.run_id AND e.comparison_id = t.comparison_id
+            LEFT JOIN diagnostics d
+              ON d.run_id = e.run_id AND d.comparison_id = e.comparison_id
+             AND d.outcome = e.outcome AND d.estimator = e.estimator
+            WHERE e.role = 'outcome'
+        ), trials AS (
+            SELECT run_id, treatment, outcome, estimator,
+                   count(*) AS trials_run,
+                   count(*) FILTER (WHERE both_arms) AS trials_with_both_arms,
+                   count(*) FILTER (WHERE status = 'ok') AS trials_estimable,
+                   count(*) FILTER (WHERE passed) AS trials_balanced,
+                   count(*) FILTER (WHERE ps_covariates_selected = 0)
+                       AS trials_ps_without_covariates,
+                   mode(reasons) FILTER (WHERE status = 'ok' AND NOT coalesce(passed, false))
+                       AS commonest_failed_gate,
+                   mode(message) FILTER (WHERE status <> 'ok') AS commonest_failure,
+                   mode(cohort_note) AS commonest_cohort_note
+            FROM per_trial GROUP BY ALL
+        ), pooled AS (
+            SELECT run_id, treatment, outcome, estimator, min(rank) AS best_rank,
+                   bool_or(coalesce(identified, false)) AS identified,
+                   bool_or(reported) AS reported,
+                   string_agg(strategy || ': HR ' || coalesce(printf('%.2f', estimate), '-')
+                              || ' (' || trials_balanced || '/' || trials_run
+                              || ' trials balanced)', '; ' ORDER BY strategy) AS by_strategy,
+                   string_agg(reason, '; ' ORDER BY strategy) FILTER (WHERE reason IS NOT NULL)
+                       AS pooled_reason
+            FROM candidate_evidence WHERE role = 'outcome' GROUP BY ALL
+        )
+        SELECT s.run_id, r.study, s.set_name AS treatment, s.ingredient,
+               s.ingredient_concept_id, s.eligible_new_users, s.selected, s.atc_classes,
+               s.random_trials, s.same_class_trials, s.battery_note,
+               t.outcome, t.estimator, t.trials_run, t.trials_with_both_arms,
+               t.trials_estimable, t.trials_balanced, t.trials_ps_without_covariates,
+               t.commonest_cohort_note, t.commonest_failure, t.commonest_failed_gate,
+               p.by_strategy, p.best_rank AS rank, coalesce(p.identified, false) AS identified,
+               CASE
+                   WHEN NOT s.selected THEN 'not screened: fewer eligible new users than the '
+                        || 'screen minimum'
+                   WHEN t.trials_run IS NULL THEN 'no trial formed'
+                        || coalesce(': ' || s.battery_note, '')
+                   WHEN t.trials_with_both_arms = 0 THEN 'every trial has an empty arm'
+                        || coalesce(' (' || t.commonest_cohort_note || ')', '')
+                   WHEN t.trials_estimable = 0 THEN 'no trial estimable'
+                        || coalesce(': ' || t.commonest_failure, '')
+                   WHEN t.trials_balanced = 0 THEN 'no trial passed the diagnostics'
+                        || coalesce(': ' || t.commonest_failed_gate, '')
+                   WHEN p.best_rank IS NOT NULL AND coalesce(p.identified, false)
+                        THEN 'ranked; identified (beneficial under every comparator strategy)'
+                   WHEN p.best_rank IS NOT NULL THEN 'ranked'
+                   ELSE 'not ranked' || coalesce(': ' || p.pooled_reason, '')
+               END AS status
+        FROM screen s JOIN runs r USING (run_id)
+        LEFT JOIN trials t ON t.run_id = s.run_id AND t.treatment = s.set_name
+        LEFT JOIN pooled p ON p.run_id = t.run_id AND p.treatment = t.treatment
+         AND p.outcome = t.outcome AND p.estimator = t.estimator""",
 }
 
 
