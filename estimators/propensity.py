@@ -37,6 +37,9 @@ DEFAULT_GRID_PER_DECADE = 3
 EARLY_STOP_AFTER = 2
 """The CV walk stops once this many consecutive grid points are worse than the best so far."""
 
+MAX_PER_ARM = 250_000
+"""Default cap on each arm of the final fitting sample (OHDSI CohortMethod downsamples to 250k)."""
+
 LIBLINEAR_TOL = 1e-4
 LIBLINEAR_MAX_ITER = 1000
 
@@ -252,7 +255,7 @@ def fit_propensity(
     seed: int = 0,
     n_folds: int = 3,
     max_cv_rows: int | None = 100_000,
-    max_fit_rows: int | None = 250_000,
+    max_fit_rows: int | None = MAX_PER_ARM,
     grid: Sequence[float] | None = None,
     selection: Selection = "likelihood",
 ) -> PropensityFit:
