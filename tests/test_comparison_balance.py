@@ -47,14 +47,20 @@ def test_share_imbalanced_counts_covariates_over_0_1():
         assert rows[name]["ps_note"] is None
 
 
-def test_selection_and_cap_are_passed_to_the_propensity_fit(monkeypatch):
-    seen = {}
+@pytest.fixture
+def seen(monkeypatch):
+    """The keyword arguments analyze_comparison passes to fit_propensity."""
+    kwargs_seen = {}
 
     def spy(X, treated, **kwargs):
-        seen.update(kwargs)
+        kwargs_seen.update(kwargs)
         return fit_propensity(X, treated, **kwargs)
 
     monkeypatch.setattr(comparison, "fit_propensity", spy)
+    return kwargs_seen
+
+
+def test_selection_and_cap_are_passed_to_the_propensity_fit(seen):
     X, t, outcomes = _data()
     result = analyze_comparison(X, t, outcomes, estimators=["iptw"], ps_selection="balance",
                                 ps_max_per_arm=500)
@@ -63,14 +69,7 @@ def test_selection_and_cap_are_passed_to_the_propensity_fit(monkeypatch):
     assert _by_estimator(result.diagnostics)["iptw"]["ps_selection"] == "balance"
 
 
-def test_defaults_keep_the_pipeline_fit(monkeypatch):
-    seen = {}
-
-    def spy(X, treated, **kwargs):
-        seen.update(kwargs)
-        return fit_propensity(X, treated, **kwargs)
-
-    monkeypatch.setattr(comparison, "fit_propensity", spy)
+def test_defaults_keep_the_pipeline_fit(seen):
     X, t, outcomes = _data()
     analyze_comparison(X, t, outcomes, estimators=["iptw"])
     assert seen["selection"] == "likelihood" and seen["max_fit_rows"] == 250_000
