@@ -9,7 +9,7 @@ import pytest
 
 from estimators.cox import fit_cox
 from estimators.errors import EstimationError
-from estimators.meta import fixed_effect
+from estimators.meta import fixed_effect, random_effects
 from estimators.pooling import pool_trials
 
 TRUE_HR = 0.7
@@ -54,27 +54,31 @@ def test_one_trial_is_itself_and_unusable_trials_are_dropped():
         pool_trials([math.nan], [0.1])
 
 
-def _battery_rate_ratios(rng, replicates, k, n_treated, n_comparator):
+def _battery_rate_ratios(rng, replicates, k, n_treated, n_comparator, tau=0.0):
     """Log rate ratios and SEs of k trials sharing one treated sample, per replicate: exponential
-    event times censored at FOLLOW_UP, the closed-form estimator log(d1/T1) - log(d0/T0)."""
-    def arm(rate, n, shape):
-        times = rng.exponential(1 / rate, size=(*shape, n))
+    event times censored at FOLLOW_UP, the closed-form estimator log(d1/T1) - log(d0/T0). With
+    tau > 0 each comparator drug's log rate deviates by N(0, tau^2): heterogeneous trials whose
+    average log HR is still log(TRUE_HR)."""
+    def arm(rate, n):
+        times = rng.exponential(1 / rate[..., None], size=(*rate.shape, n))
         return (times < FOLLOW_UP).sum(axis=-1), np.minimum(times, FOLLOW_UP).sum(axis=-1)
 
-    d1, t1 = arm(TRUE_HR * BASE_RATE, n_treated, (replicates, 1))
-    d0, t0 = arm(BASE_RATE, n_comparator, (replicates, k))
+    d1, t1 = arm(np.full((replicates, 1), TRUE_HR * BASE_RATE), n_treated)
+    d0, t0 = arm(BASE_RATE * np.exp(rng.normal(0, tau, size=(replicates, k))), n_comparator)
     log_hr = np.log(d1 / t1) - np.log(d0 / t0)
     return log_hr, np.sqrt(1 / d1 + 1 / d0)
 
 
-def _coverage(log_hr, se):
+def _coverage(log_hr, se, naive_method=fixed_effect):
+    """Share of replicates whose CI covers TRUE_HR: pool_trials, and a meta-analysis assuming
+    independent trials (fixed effect, or DerSimonian-Laird random effects)."""
     truth = math.log(TRUE_HR)
     pooled = naive = 0
     for y, s in zip(log_hr, se, strict=True):
         p = pool_trials(y, s)
         pooled += p.ci_low <= TRUE_HR <= p.ci_high
-        fe = fixed_effect(y, s)  # inverse-variance pooling assuming independent trials
-        naive += fe.ci_low <= truth <= fe.ci_high
+        independent = naive_method(y, s)
+        naive += independent.ci_low <= truth <= independent.ci_high
     return pooled / len(log_hr), naive / len(log_hr)
 
 
@@ -85,6 +89,15 @@ def test_pooled_ci_covers_when_trials_share_the_treated_arm_and_naive_does_not()
     pooled, naive = _coverage(log_hr, se)
     assert pooled >= 0.93
     assert naive <= 0.80  # ~0.57 expected: the shared arm's variance is counted k times smaller
+
+
+def test_pooled_ci_covers_heterogeneous_comparators_where_random_effects_does_not():
+    rng = np.random.default_rng(5)
+    log_hr, se = _battery_rate_ratios(rng, replicates=2000, k=10, n_treated=500,
+                                      n_comparator=500, tau=0.3)
+    pooled, naive = _coverage(log_hr, se, naive_method=random_effects)
+    assert pooled >= 0.93
+    assert naive <= 0.87  # ~0.81 expected
 
 
 def _battery_cox(rng, replicates, k, n):
