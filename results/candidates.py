@@ -45,6 +45,10 @@ def candidate_evidence(estimates: pd.DataFrame, diagnostics: pd.DataFrame, *,
 def _trials(estimates: pd.DataFrame, diagnostics: pd.DataFrame) -> pd.DataFrame:
     """Hazard-ratio estimate rows with `balanced`: estimated and its diagnostics row passed."""
     keys = ["comparison_id", "outcome", "estimator"]
+    missing = sorted({*keys, *CANDIDATE_KEYS, "status", "estimate", "se", "p_value"}
+                     - set(estimates)) + sorted({*keys, "passed"} - set(diagnostics))
+    if missing:
+        raise ValueError(f"trial rows lack column(s) {', '.join(missing)}")
     if "run_id" in estimates and "run_id" in diagnostics:
         keys.insert(0, "run_id")
     if "measure" in estimates:

@@ -179,3 +179,9 @@ def test_identified_needs_benefit_under_every_strategy():
     assert out.loc["w", "strategies"] == "random"
     assert out.loc["y", "n_beneficial"] == 1 and out.loc["y", "n_strategies"] == 2
     assert "nc" not in set(identified(_candidate_rows())["outcome"])
+
+
+def test_trial_rows_without_a_strategy_are_refused():
+    estimates, diagnostics = frames([trial(1, "a", 0.5, 0.1)])
+    with pytest.raises(ValueError, match="strategy"):
+        candidate_evidence(estimates.drop(columns="strategy"), diagnostics)
