@@ -102,3 +102,18 @@ def max_abs_smd(balance: Balance) -> float:
     a = np.abs(balance.smd)
     a = a[~np.isnan(a)]
     return float(a.max()) if a.size else math.nan
+
+
+IMBALANCE_SMD = 0.1
+"""|SMD| above this marks a covariate imbalanced (Austin 2009; Zang et al. 2023 count them)."""
+
+
+def count_imbalanced(balance: Balance, threshold: float = IMBALANCE_SMD) -> int:
+    """Covariates with |SMD| > threshold (an infinite SMD counts: it separates the arms)."""
+    return int(np.count_nonzero(np.abs(balance.smd) > threshold))
+
+
+def share_imbalanced(balance: Balance, threshold: float = IMBALANCE_SMD) -> float:
+    """Share of covariates with |SMD| > threshold (Zang's trial gate: <= 2%); NaN without any."""
+    n = balance.smd.shape[0]
+    return count_imbalanced(balance, threshold) / n if n else math.nan

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import scipy.sparse as sp
 
-from estimators.balance import covariate_balance, max_abs_smd
+from estimators.balance import covariate_balance, max_abs_smd, share_imbalanced
 from estimators.effect import EffectEstimate
 from estimators.errors import EstimationError
 from estimators.hazard import (
@@ -41,6 +41,8 @@ from estimators.hazard import (
 from estimators.matching import match_on_ps
 from estimators.power import mdrr
 from estimators.propensity import (
+    MAX_PER_ARM,
+    Selection,
     effective_sample_size,
     equipoise,
     fit_propensity,
@@ -98,6 +100,8 @@ class _Adjustment:
     strata: np.ndarray | None = None
     """PS stratum (ps_strata) or matched set (ps_match, -1 = unmatched) of each person."""
     max_smd: float = math.nan
+    share_imbalanced: float = math.nan
+    """Share of covariates with |SMD| > 0.1 after this adjustment (before it, for crude)."""
     ess: tuple[float, float] = (math.nan, math.nan)
 
 
@@ -109,8 +113,14 @@ def analyze_comparison(
     estimators: Sequence[str] = ESTIMATORS,
     exclude_prior_outcome: bool = True,
     seed: int = 0,
+    ps_selection: Selection = "likelihood",
+    ps_max_per_arm: int | None = MAX_PER_ARM,
 ) -> ComparisonResult:
     """Fit the propensity model once, then every estimator on every outcome.
+
+    ps_selection chooses the PS model's penalty by held-out likelihood or by covariate balance
+    (estimators.propensity.fit_by_balance); ps_max_per_arm caps each arm of the PS fitting
+    sample (None: no cap).
 
     Raises ValueError for an estimator name not in KNOWN_ESTIMATORS (a caller's mistake, not a
     property of the data); everything the data cannot support becomes a failed row instead.
@@ -133,17 +143,20 @@ def analyze_comparison(
     arm_error = _empty_arm(treated)
     before = covariate_balance(X, treated) if X.shape[1] and arm_error is None else None
     smd_before = max_abs_smd(before) if before is not None else math.nan
-    adjustments["crude"] = arm_error or _Adjustment(max_smd=smd_before,
-                                                    ess=_arm_ess(None, treated))
+    adjustments["crude"] = arm_error or _Adjustment(
+        max_smd=smd_before, ess=_arm_ess(None, treated),
+        share_imbalanced=share_imbalanced(before) if before is not None else math.nan)
     ps_error: EstimationError | None = arm_error
     pref_equipoise = math.nan
     lap("balance_before")
     if arm_error is None and any(e != "crude" for e in estimators):
         try:
-            ps_fit = fit_propensity(X, treated, seed=seed)
+            ps_fit = fit_propensity(X, treated, seed=seed, selection=ps_selection,
+                                    max_fit_rows=ps_max_per_arm)
             pref_equipoise = equipoise(ps_fit.ps, treated)
             result.propensity = {"auc": ps_fit.auc, "c": ps_fit.C,
-                                 "n_nonzero": ps_fit.n_nonzero, "equipoise": pref_equipoise}
+                                 "n_nonzero": ps_fit.n_nonzero, "equipoise": pref_equipoise,
+                                 "selection": ps_fit.selection}
             result.preference_histogram = _preference_histogram(ps_fit.ps, treated)
         except EstimationError as exc:
             ps_error = exc
@@ -162,7 +175,8 @@ def analyze_comparison(
             adjustments[name] = exc
             continue
         adjustments[name] = replace(
-            adjustment, max_smd=max_abs_smd(after) if after is not None else math.nan)
+            adjustment, max_smd=max_abs_smd(after) if after is not None else math.nan,
+            share_imbalanced=share_imbalanced(after) if after is not None else math.nan)
         if after is not None:
             result.balance[name] = {
                 "mean_treated_before": before.mean_treated,
@@ -188,8 +202,7 @@ def analyze_comparison(
                        else data.true_effect_size)
             result.estimates.append(row)
             result.diagnostics.append(_diagnostics(
-                outcome, name, adjustment, row, smd_before, result.propensity.get("auc", math.nan),
-                result.propensity.get("c", math.nan), pref_equipoise, X.shape[1],
+                outcome, name, adjustment, row, smd_before, result.propensity, X.shape[1],
             ))
         lap("outcome_models")
     return result
@@ -374,8 +387,7 @@ def _effect_columns(effect: EffectEstimate) -> dict:
 
 def _diagnostics(
     outcome: str, name: str, adjustment: _Adjustment | EstimationError, row: dict,
-    smd_before: float, auc: float, c: float, pref_equipoise: float,
-    n_covariates: int,
+    smd_before: float, propensity: dict, n_covariates: int,
 ) -> dict:
     events = row["events_treated"] + row["events_comparator"]
     failed = isinstance(adjustment, EstimationError)
@@ -383,9 +395,25 @@ def _diagnostics(
     return {
         "outcome": outcome, "estimator": name,
         "n_treated": row["n_treated"], "n_comparator": row["n_comparator"],
-        "n_covariates": n_covariates, "ps_auc": auc, "ps_c": c, "equipoise": pref_equipoise,
+        "n_covariates": n_covariates, "ps_auc": propensity.get("auc", math.nan),
+        "ps_c": propensity.get("c", math.nan), "equipoise": propensity.get("equipoise", math.nan),
+        **_ps_selected(name, propensity),
         "max_abs_smd_before": smd_before,
         "max_abs_smd_after": math.nan if failed else adjustment.max_smd,
+        "share_imbalanced": math.nan if failed else adjustment.share_imbalanced,
         "ess_treated": ess[0], "ess_comparator": ess[1],
         "mdrr": mdrr(row["n_treated"], row["n_comparator"], events),
+    }
+
+
+NO_COVARIATE_SELECTED = "propensity model selected no covariate: adjusted estimate equals crude"
+
+
+def _ps_selected(name: str, propensity: dict) -> dict:
+    """How the PS model was chosen and how many covariates it kept; a note when it kept none,
+    since every PS adjustment is then the crude comparison in disguise."""
+    selected = propensity.get("n_nonzero")
+    return {
+        "ps_selection": propensity.get("selection"), "ps_covariates_selected": selected,
+        "ps_note": NO_COVARIATE_SELECTED if selected == 0 and name != "crude" else None,
     }

@@ -33,7 +33,7 @@ class MetaResult:
     method: str = "dl"
 
 
-def _studies(log_estimates: ArrayLike, ses: ArrayLike) -> tuple[NDArray, NDArray, int]:
+def usable_studies(log_estimates: ArrayLike, ses: ArrayLike) -> tuple[NDArray, NDArray, int]:
     """Finite (estimate, SE) pairs with SE > 0; raise EstimationError when none remain."""
     y = np.asarray(log_estimates, dtype=float).ravel()
     s = np.asarray(ses, dtype=float).ravel()
@@ -49,7 +49,7 @@ def _studies(log_estimates: ArrayLike, ses: ArrayLike) -> tuple[NDArray, NDArray
     return y[keep], s[keep], n_dropped
 
 
-def _heterogeneity(y: NDArray, v: NDArray) -> tuple[float, float, float, float]:
+def heterogeneity(y: NDArray, v: NDArray) -> tuple[float, float, float, float]:
     """Cochran's Q, its p-value, I^2 and the DerSimonian-Laird tau^2 from fixed-effect weights."""
     k = y.size
     w = 1.0 / v
@@ -79,9 +79,9 @@ def _pool(y: NDArray, v: NDArray, level: float) -> tuple[float, float, float, fl
 
 def fixed_effect(log_estimates: ArrayLike, ses: ArrayLike, level: float = 0.95) -> MetaResult:
     """Fixed-effect (inverse-variance) pooled estimate; heterogeneity statistics for reference."""
-    y, s, n_dropped = _studies(log_estimates, ses)
+    y, s, n_dropped = usable_studies(log_estimates, ses)
     v = s * s
-    q, q_p, i2, tau2 = _heterogeneity(y, v)
+    q, q_p, i2, tau2 = heterogeneity(y, v)
     est, se, lo, hi, p = _pool(y, v, level)
     return MetaResult(est, se, lo, hi, p, tau2, float(np.sqrt(tau2)), i2, q, q_p, int(y.size),
                       n_dropped, "fixed")
@@ -93,9 +93,9 @@ def random_effects(log_estimates: ArrayLike, ses: ArrayLike, level: float = 0.95
     Studies with a non-finite estimate or SE, or SE <= 0, are dropped (counted in n_dropped).
     With one study tau^2 is 0 and Q's p-value and I^2 are NaN.
     """
-    y, s, n_dropped = _studies(log_estimates, ses)
+    y, s, n_dropped = usable_studies(log_estimates, ses)
     v = s * s
-    q, q_p, i2, tau2 = _heterogeneity(y, v)
+    q, q_p, i2, tau2 = heterogeneity(y, v)
     est, se, lo, hi, p = _pool(y, v + tau2, level)
     return MetaResult(est, se, lo, hi, p, tau2, float(np.sqrt(tau2)), i2, q, q_p, int(y.size),
                       n_dropped, "dl")

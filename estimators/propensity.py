@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Literal
 
@@ -37,10 +37,14 @@ DEFAULT_GRID_PER_DECADE = 3
 EARLY_STOP_AFTER = 2
 """The CV walk stops once this many consecutive grid points are worse than the best so far."""
 
+MAX_PER_ARM = 250_000
+"""Default cap on each arm of the final fitting sample (OHDSI CohortMethod downsamples to 250k)."""
+
 LIBLINEAR_TOL = 1e-4
 LIBLINEAR_MAX_ITER = 1000
 
 Estimand = Literal["ATE", "ATT", "ATO"]
+Selection = Literal["likelihood", "balance"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,6 +70,13 @@ class PropensityFit:
     """Intercept on the scale of the full population (corrected when arms were subsampled)."""
     n_cv_rows: int
     n_fit_rows: int
+    selection: Selection = "likelihood"
+    """How the penalty was chosen: held-out log loss ("likelihood") or fewest covariates
+    imbalanced after IPTW ("balance"; `cv_log_loss` is then empty and `n_cv_rows` 0)."""
+    n_imbalanced: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    """Balance selection: covariates with |SMD| > IMBALANCE_SMD after IPTW at each penalty."""
+    path_auc: np.ndarray = field(default_factory=lambda: np.empty(0))
+    """Balance selection: c-statistic of the scores at each penalty (the tie-break)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,13 +255,15 @@ def fit_propensity(
     seed: int = 0,
     n_folds: int = 3,
     max_cv_rows: int | None = 100_000,
-    max_fit_rows: int | None = 250_000,
+    max_fit_rows: int | None = MAX_PER_ARM,
     grid: Sequence[float] | None = None,
+    selection: Selection = "likelihood",
 ) -> PropensityFit:
     """Fit an L1 logistic propensity model with the penalty chosen by early-stopped K-fold CV.
 
     The grid is of per-sample penalties lambda (C = 1/(n_train * lambda)), so it means the same at
     any n; CV runs on a stratified subsample, the final fit on all rows (arms capped per arm).
+    selection="balance" chooses the penalty by covariate balance instead (fit_by_balance).
     """
     X = as_covariates(X)
     t = as_treated(treated, X.shape[0])
@@ -258,6 +271,10 @@ def fit_propensity(
     if n_folds < 2:
         raise EstimationError(f"n_folds must be at least 2, got {n_folds}")
     rng = np.random.default_rng(seed)
+    if selection == "balance":
+        return fit_by_balance(X, t, seed=seed, max_fit_rows=max_fit_rows, grid=grid, rng=rng)
+    if selection != "likelihood":
+        raise ValueError(f"unknown selection {selection!r} (likelihood or balance)")
 
     # Cross-validation on a stratified subsample.
     cv_idx = _stratified_subsample(t, max_cv_rows, rng)
@@ -291,25 +308,110 @@ def fit_propensity(
     # Final fit on all rows, or on each arm capped at max_fit_rows, then predict for all rows.
     fit_idx = _cap_per_arm(t, max_fit_rows, rng)
     Xf, tf = (X, t) if fit_idx is None else (X[fit_idx], t[fit_idx])
+    point = _fit_at(lam, seed, Xf, tf, X, t)
+    return _finish(point, t, lambdas=np.asarray(lambdas[: len(losses)]),
+                   cv_log_loss=np.asarray(losses), n_cv_rows=n_cv, n_fit_rows=int(tf.shape[0]))
+
+
+@dataclass(frozen=True, eq=False)
+class _PathPoint:
+    """One L1 fit at penalty lambda_ on the fitting rows, with its linear predictor for all rows."""
+
+    lambda_: float
+    C: float
+    coef: np.ndarray
+    intercept: float
+    """On the scale of the full population (corrected when arms were subsampled)."""
+    z: np.ndarray
+
+
+def _fit_at(lam: float, seed: int, Xf, tf: np.ndarray, X, t: np.ndarray,
+            lambda_max: float | None = None) -> _PathPoint:
+    """Fit at penalty lam on (Xf, tf) and score every row of X; at or above lambda_max (when
+    given) the model is intercept-only, so no solver call is made."""
     C = 1.0 / (tf.shape[0] * lam)
-    model = fit_l1_logistic(C, seed, Xf, tf)
-    coef = model.coef_[0].copy()
-    intercept = float(model.intercept_[0])
-    if fit_idx is not None:
-        # King & Zeng (2001) eq. 7, as CohortMethod: undo the change in treated odds by sampling.
-        intercept -= logit(tf.mean()) - logit(t.mean())
-    z = _linear_predictor(X, coef, intercept)
+    if lambda_max is not None and lam >= lambda_max:
+        coef, intercept = np.zeros(X.shape[1]), float(logit(t.mean()))
+    else:
+        model = fit_l1_logistic(C, seed, Xf, tf)
+        coef = model.coef_[0].copy()
+        intercept = float(model.intercept_[0])
+        if tf.shape[0] != t.shape[0]:
+            # King & Zeng (2001) eq. 7, as CohortMethod: undo the change in treated odds by
+            # sampling.
+            intercept -= logit(tf.mean()) - logit(t.mean())
+    return _PathPoint(lam, C, coef, intercept, _linear_predictor(X, coef, intercept))
+
+
+def _finish(point: _PathPoint, t: np.ndarray, **fields) -> PropensityFit:
+    """The PropensityFit of a chosen path point; raises if its scores separate the arms."""
+    z = point.z
     if z[t == 0].max() < z[t == 1].min():
         raise EstimationError(
             "propensity model separates the arms perfectly (AUC 1.00): no overlap to compare"
         )
     ps = np.clip(expit(z), PS_EPS, 1.0 - PS_EPS)
+    lambdas = fields.pop("lambdas")
     return PropensityFit(
-        ps=ps, C=C, lambda_=lam,
-        lambdas_tried=np.asarray(lambdas[: len(losses)]), cv_log_loss=np.asarray(losses),
-        auc=auc(ps, t), n_nonzero=int(np.count_nonzero(coef)), coef=coef, intercept=intercept,
-        n_cv_rows=n_cv, n_fit_rows=int(tf.shape[0]),
+        ps=ps, C=point.C, lambda_=point.lambda_, lambdas_tried=lambdas, auc=auc(ps, t),
+        n_nonzero=int(np.count_nonzero(point.coef)), coef=point.coef,
+        intercept=point.intercept, **fields,
     )
+
+
+def choose_by_balance(n_imbalanced: Sequence[int], aucs: Sequence[float]) -> int:
+    """Index of the penalty with the fewest imbalanced covariates; ties go to the higher AUC (as
+    Zang et al. 2023), then to the earlier, stronger penalty."""
+    n = np.asarray(n_imbalanced)
+    if n.size == 0 or n.size != len(aucs):
+        raise ValueError("one imbalanced count and one AUC per penalty are needed")
+    fewest = np.flatnonzero(n == n.min())
+    return int(fewest[np.argmax(np.asarray(aucs, dtype=np.float64)[fewest])])
+
+
+def _checked_grid(grid: Sequence[float] | None, lambda_max: Callable[[], float]) -> np.ndarray:
+    """Positive penalties, strongest first: the default grid from lambda_max, or the given one."""
+    lambdas = (default_grid(lambda_max()) if grid is None
+               else np.sort(np.asarray(grid, dtype=np.float64))[::-1])
+    if lambdas.size == 0 or not np.all(np.isfinite(lambdas)) or np.any(lambdas < 0):
+        raise EstimationError("the penalty grid must hold finite non-negative values")
+    return lambdas[lambdas > 0]
+
+
+def fit_by_balance(
+    X, t: np.ndarray, *, seed: int, max_fit_rows: int | None,
+    grid: Sequence[float] | None, rng: np.random.Generator,
+) -> PropensityFit:
+    """Choose the L1 penalty that leaves the fewest covariates with |SMD| > 0.1 after IPTW.
+
+    Zang et al. (2023): balance, not likelihood, is what the PS model is for. Each penalty of the
+    grid is fitted once on the fitting rows (arms capped at max_fit_rows); balance is measured on
+    every row of X with the pipeline's truncated stabilised ATE weights. Every grid point is
+    visited (no early stop: the count need not be monotone); penalties at or above the fitting
+    sample's lambda_max are intercept-only and cost no solver call.
+    """
+    # Imported here: both modules import this one.
+    from estimators.balance import count_imbalanced, covariate_balance
+    from estimators.hazard import truncated_iptw_weights
+
+    fit_idx = _cap_per_arm(t, max_fit_rows, rng)
+    Xf, tf = (X, t) if fit_idx is None else (X[fit_idx], t[fit_idx])
+    lambda_max = _lambda_max(Xf, tf.astype(np.float64))
+    lambdas = _checked_grid(grid, lambda: lambda_max)
+    if X.shape[1] == 0 or lambdas.size == 0:
+        return replace(_null_fit(t, X.shape[1], 0), selection="balance")
+    points, counts, aucs = [], [], []
+    for lam in lambdas:
+        point = _fit_at(float(lam), seed, Xf, tf, X, t, lambda_max)
+        ps = np.clip(expit(point.z), PS_EPS, 1.0 - PS_EPS)
+        counts.append(count_imbalanced(covariate_balance(X, t, truncated_iptw_weights(ps, t))))
+        aucs.append(auc(ps, t))
+        points.append(replace(point, z=np.empty(0)))  # keep coefficients, not n-long arrays
+    best = points[choose_by_balance(counts, aucs)]
+    best = replace(best, z=_linear_predictor(X, best.coef, best.intercept))
+    return _finish(best, t, lambdas=np.asarray(lambdas), cv_log_loss=np.empty(0), n_cv_rows=0,
+                   n_fit_rows=int(tf.shape[0]), selection="balance",
+                   n_imbalanced=np.asarray(counts, dtype=np.int64), path_auc=np.asarray(aucs))
 
 
 def _null_fit(t: np.ndarray, n_cols: int, n_cv: int) -> PropensityFit:

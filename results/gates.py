@@ -8,6 +8,7 @@ not fail the estimate; the reason list says it was not assessed only where that 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,9 @@ class Thresholds:
     min_equipoise: float = 0.2
     max_mdrr: float = 10.0
     max_ease: float = 0.25
+    max_share_imbalanced: float | None = None
+    """Largest share of covariates with |SMD| > 0.1 after adjustment (Zang et al. 2023: 0.02);
+    None leaves the gate off."""
 
 
 def evaluate_gates(diagnostics: pd.DataFrame, estimates: pd.DataFrame,
@@ -45,6 +49,7 @@ def evaluate_gates(diagnostics: pd.DataFrame, estimates: pd.DataFrame,
     frame["mdrr_pass"] = frame["mdrr"] <= thresholds.max_mdrr
     ease = frame["ease"] if "ease" in frame else pd.Series(np.nan, index=frame.index)
     frame["ease_pass"] = _nullable(ease, ease <= thresholds.max_ease)
+    share, share_limit = _share_gate(frame, thresholds.max_share_imbalanced)
     failed = frame["status"].fillna("failed") != "ok"
     reasons = pd.DataFrame({
         "estimate": np.where(failed, "not estimable: " + frame["message"].fillna("no estimate"),
@@ -66,10 +71,26 @@ def evaluate_gates(diagnostics: pd.DataFrame, estimates: pd.DataFrame,
             _fails(frame["ease_pass"]),
             "systematic error: EASE " + ease.map("{:.3f}".format)
             + f" > {thresholds.max_ease:g}", None),
+        "share": np.where(
+            ~failed & _fails(frame["share_pass"]),
+            "covariate imbalance: " + share.map("{:.1%}".format)
+            + f" of covariates with |SMD| > 0.1, more than {share_limit:.1%}", None),
     })
     frame["reasons"] = reasons.apply(lambda r: "; ".join(x for x in r if x) or None, axis=1)
     frame["passed"] = frame["reasons"].isna()
     return frame.drop(columns=["status", "message"])
+
+
+def _share_gate(frame: pd.DataFrame, limit: float | None) -> tuple[pd.Series, float]:
+    """Add the share-imbalanced threshold and gate (NULL when off or not measured)."""
+    unmeasured = pd.Series(np.nan, index=frame.index)
+    share = frame.get("share_imbalanced", unmeasured)
+    frame["max_share_imbalanced_threshold"] = math.nan if limit is None else limit
+    if limit is None:
+        frame["share_pass"] = _nullable(unmeasured, unmeasured > 0)
+        return share, math.nan
+    frame["share_pass"] = _nullable(share, share <= limit)
+    return share, float(limit)
 
 
 def _nullable(value: pd.Series, test: pd.Series) -> pd.Series:
