@@ -317,6 +317,8 @@ def analyze(study_file: str, workspace: str, comparison_id: int) -> dict:
         estimators=config.estimators,
         exclude_prior_outcome=config.follow_up.exclude_prior_outcome,
         seed=int(comparison_id),
+        ps_selection=config.propensity.selection,
+        ps_max_per_arm=config.propensity.max_persons_per_arm,
     )
     labels = prepared.comparisons.set_index("comparison_id").loc[comparison_id]
     summary = {
@@ -435,7 +437,7 @@ def finalize(
     gathered = time.perf_counter()
     tables["estimates"], tables["diagnostics"] = assemble_evidence(
         tables["estimates"], tables["diagnostics"],
-        Thresholds(**study.config.diagnostics.model_dump()))
+        Thresholds(**study.config.diagnostics.model_dump(exclude={"min_balanced_rate"})))
     finalize_stages = {"gather": round(gathered - clock, 3),
                        "calibration_and_gates": round(time.perf_counter() - gathered, 3)}
     comparisons = prepared.comparisons.set_index("comparison_id")

@@ -56,9 +56,11 @@ def primary_estimator(estimators: object) -> str:
 
 
 def account_lines(account: pd.DataFrame) -> list[str]:
-    """One readable line per candidate (and outcome): counts, trials and what became of it."""
+    """One readable line per screened candidate (and outcome): counts, trials and what became of
+    it; the ingredients below the screen's minimum share one closing line."""
     lines = []
-    for row in account.itertuples():
+    screened = account[account["selected"].fillna(False).astype(bool)]
+    for row in screened.itertuples():
         trials = ("" if pd.isna(row.trials_run) else
                   f"; trials {int(row.trials_run)} run, {int(row.trials_with_both_arms)} with "
                   f"both arms, {int(row.trials_estimable)} estimable, "
@@ -72,6 +74,12 @@ def account_lines(account: pd.DataFrame) -> list[str]:
         outcome = "" if not isinstance(row.outcome, str) else f" [{row.outcome}]"
         lines.append(f"{rank}{row.treatment}{outcome}: {row.eligible_new_users} eligible new "
                      f"users{trials}{ps}{pooled} -> {row.status}")
+    below = account.loc[~account["selected"].fillna(False).astype(bool), "treatment"]
+    if len(below):
+        shown = ", ".join(below.head(12))
+        lines.append(f"not screened (fewer eligible new users than the screen's minimum): "
+                     f"{len(below)} ingredient(s): {shown}{', ...' if len(below) > 12 else ''}"
+                     " (cohortflow account --format csv lists each)")
     return lines
 
 

@@ -48,7 +48,7 @@ TABLES: dict[str, str] = {
         n_negative_controls INTEGER, n_positive_controls INTEGER, calibration_note VARCHAR,
         max_ease_threshold DOUBLE, ease_pass BOOLEAN, strategy VARCHAR, trial INTEGER,
         share_imbalanced DOUBLE, max_share_imbalanced_threshold DOUBLE, share_pass BOOLEAN,
-        ps_selection VARCHAR, ps_covariates_selected INTEGER""",
+        ps_selection VARCHAR, ps_covariates_selected INTEGER, ps_note VARCHAR""",
     "balance": """
         run_id VARCHAR, comparison_id INTEGER, adjustment VARCHAR, covariate_id BIGINT,
         covariate_name VARCHAR, analysis VARCHAR, concept_id BIGINT,
