@@ -18,10 +18,10 @@ a latent frailty recorded in no table):
   e.g. ``drug_c10_3``: synthetic names and concept ids, no claim about any real drug). Each
   class ``k`` has its own indication ``I_k`` (a condition, named after a typical indication),
   a person-level trait present from the start with
-  ``P(I_k) = logit^-1(alpha_k + age_k a + male_k male + frail_k h)`` (prevalence 11-32%).
+  ``P(I_k) = logit^-1(alpha_k + age_k a + male_k male + frail_k h)`` (prevalence 12-26%).
   Carriers are recorded (a record in the 365 days before their first start of a class-k drug,
   or anywhere in observation for carriers who never start one, plus Poisson(0.8) repeats) with
-  probability 95%, except M01's indication (the decoy's): 50%; unrecorded carriers have no
+  probability 95%, except M01's indication (the decoy's): 40%; unrecorded carriers have no
   record of it at all.
 * Drug starts: each person starts a class-``k`` drug with probability
   ``logit^-1(-2.9 + 2.9 I_k + 0.25 h + 0.1 a)`` (~50% of carriers, ~5% of others: off-label),
@@ -42,7 +42,7 @@ a latent frailty recorded in no table):
   days ``d + 1`` to the end of observation for persons with D (10% of that hazard over the
   whole observation for persons without D). ``gamma_k`` (the indications' effects, on the
   true, partly unrecorded ``I_k``): A02 0, A10 +0.35, C07 +0.25, C08 +0.15, C09 +0.3,
-  C10 +0.1, M01 -0.8, N05 +0.4, N06 +0.5, R03 +0.2. Planted drug effects multiply the hazard
+  C10 +0.1, M01 -1.0, N05 +0.4, N06 +0.5, R03 +0.2. Planted drug effects multiply the hazard
   from the day after a person's first start of the ingredient to the end of observation
   (intention to treat; several planted drugs multiply): ``drug_c10_3`` 0.5 and ``drug_a10_2``
   0.7 (protective), ``drug_n05_4`` 1.5 and ``drug_r03_1`` 2.0 (harmful); every other
@@ -51,7 +51,7 @@ a latent frailty recorded in no table):
   after the first event. 2% of persons with D have a dementia record before ``d`` (prevalent
   cases, for exclude-prior-outcome rules) and no incident event.
 * The decoy: ``drug_m01_2`` has HR 1, but M01's indication lowers the outcome's hazard
-  (``gamma`` -0.8), is less common in frail persons, and is recorded for only half of its
+  (``gamma`` -1.0), is less common in frail persons, and is recorded for only 40% of its
   carriers. M01 users carry it far more often than users of other classes, so against random
   other drugs the decoy looks protective even after adjusting for the recorded indication;
   against its own class (which shares the indication) it does not.
@@ -64,12 +64,13 @@ a latent frailty recorded in no table):
   outcome), age, sex or ``h``; 5 on nothing.
 * Noise: 300 condition and 100 procedure concepts with Zipf-like frequencies, counts rising
   with ``h``; one outpatient visit (``visit_occurrence``, concept 9202) per person-day with a
-  condition or procedure record; ``death`` for ~5% of persons (more likely when old, frail or
+  condition or procedure record; ``death`` for ~4% of persons (more likely when old, frail or
   demented) on their last day of observation. measurement, observation and
   concept_relationship are written empty with their v5.3 columns.
 
 Vocabulary: ``concept`` holds every concept used (invented ids >= 2,000,100,000, in the local
-range OMOP reserves; gender 8507/8532 and visit 9202 are the real OMOP ids). Ingredients are
+range OMOP reserves; the type concepts are the demo simulator's, 2,000,009,001-2; gender
+8507/8532 and visit 9202 are the real OMOP ids). Ingredients are
 vocabulary 'RxNorm', class 'Ingredient', standard 'S', domain 'Drug'; ATC classes are
 vocabulary 'ATC', class 'ATC 1st'/'ATC 2nd', standard 'C', domain 'Drug', concept_code the
 real ATC code. ``concept_ancestor`` has a self row for every standard or classification
@@ -82,7 +83,6 @@ with one row per ingredient and outcome (progression outcome and negative contro
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +90,8 @@ import numpy as np
 from cohort.synthetic import (
     _BASE,
     _FAR_PAST,
+    _TYPE_EHR,
+    _TYPE_PERIOD,
     GENDER_FEMALE,
     GENDER_MALE,
     _arrow,
@@ -100,6 +102,13 @@ from cohort.synthetic import (
     _person_order,
     _rng,
     _write,
+    _write_conditions,
+    _write_csv,
+    _write_drug_records,
+    _write_observation_periods,
+    _write_person,
+    _write_procedures,
+    _write_vocabulary,
     _zipf_probs,
 )
 
@@ -130,8 +139,6 @@ SCREEN_GENERATOR_VERSION = 1
 SCREEN_VOCABULARY_ID = "Cohortflow Screen"
 _SB = _BASE + 100_000  # this simulator's invented concept ids (OMOP's local range, >= 2e9)
 _VISIT_OUTPATIENT = 9202  # the real OMOP "Outpatient Visit"
-_TYPE_EHR = _SB + 9001
-_TYPE_PERIOD = _SB + 9002
 _END = _day("2022-12-31")
 
 SCREEN_DISEASE = "mild_cognitive_impairment"
@@ -165,7 +172,7 @@ _CLASS_MODEL: dict[str, tuple[str, str, tuple[float, float, float, float], float
             (-2.0, 0.6, 0.2, 0.5), 0.3, 0.95),
     "C10": ("LIPID MODIFYING AGENTS", "Hyperlipidaemia", (-1.0, 0.2, 0.1, 0.2), 0.1, 0.95),
     "M01": ("ANTIINFLAMMATORY AND ANTIRHEUMATIC PRODUCTS", "Osteoarthritis",
-            (-1.1, 0.2, -0.3, -0.3), -0.8, 0.5),
+            (-1.1, 0.2, -0.3, -0.3), -1.0, 0.4),
     "N05": ("PSYCHOLEPTICS", "Insomnia", (-1.6, 0.2, -0.2, 0.5), 0.4, 0.95),
     "N06": ("PSYCHOANALEPTICS", "Depressive disorder", (-1.6, 0.0, -0.4, 0.5), 0.5, 0.95),
     "R03": ("DRUGS FOR OBSTRUCTIVE AIRWAY DISEASES", "Chronic obstructive lung disease",
@@ -510,9 +517,10 @@ def _concept_rows() -> dict[str, list]:
         rows.append((cid, name, domain, vocabulary, cls, standard,
                      code or f"CS{cid - _BASE:07d}"))
 
-    local(_TYPE_EHR, "EHR record (screen simulator)", "Type Concept", "Type Concept")
-    local(_TYPE_PERIOD, "Period covering healthcare encounters (screen simulator)",
-          "Type Concept", "Type Concept")
+    # the demo simulator's type concepts (its table writers use them)
+    local(_TYPE_EHR, "EHR record (demo)", "Type Concept", "Type Concept")
+    local(_TYPE_PERIOD, "Period covering healthcare encounters (demo)", "Type Concept",
+          "Type Concept")
     local(SCREEN_DISEASE_CONCEPT, "Mild cognitive impairment", "Condition", "Clinical Finding")
     local(SCREEN_OUTCOME_CONCEPT, "Dementia", "Condition", "Clinical Finding")
     for code, (cid, name) in SCREEN_ATC_FIRST_LEVELS.items():
@@ -568,55 +576,14 @@ def generate_screen_cdm(out_dir: Path, *, persons: int = 60_000, seed: int = 0) 
     p = _ScreenPersons(persons, seed)
     pid = p.person_id
 
-    birth = p.birth.astype("datetime64[D]")
-    _write(out_dir, "person", _arrow("person", p.n, {
-        "person_id": pid,
-        "gender_concept_id": np.where(p.male, GENDER_MALE, GENDER_FEMALE),
-        "year_of_birth": birth.astype("datetime64[Y]").astype(np.int64) + 1970,
-        "month_of_birth": (birth.astype("datetime64[M]").astype(np.int64) % 12) + 1,
-        "day_of_birth": (birth - birth.astype("datetime64[M]")).astype(np.int64) + 1,
-        "birth_datetime": birth,
-        "race_concept_id": 0,
-        "ethnicity_concept_id": 0,
-        "gender_source_value": np.where(p.male, "M", "F"),
-    }))
-    _write(out_dir, "observation_period", _arrow("observation_period", p.n, {
-        "observation_period_id": pid,
-        "person_id": pid,
-        "observation_period_start_date": p.obs_start,
-        "observation_period_end_date": p.obs_end,
-        "period_type_concept_id": _TYPE_PERIOD,
-    }))
+    _write_person(out_dir, pid, p.male, p.birth)
+    _write_observation_periods(out_dir, pid, p.obs_start, p.obs_end)
 
     # Drugs first: the outcome hazard follows their starts.
     first = _drug_starts(p, _rng(seed, 102))
     era, fill, starts = _drug_records(p, first, _rng(seed, 103))
-    order = _person_order(era["person"], era["start"])
-    _write(out_dir, "drug_era", _arrow("drug_era", order.size, {
-        "drug_era_id": np.arange(1, order.size + 1, dtype=np.int64),
-        "person_id": pid[era["person"][order]],
-        "drug_concept_id": era["concept"][order],
-        "drug_era_start_date": era["start"][order],
-        "drug_era_end_date": era["end"][order],
-        "drug_exposure_count": era["count"][order],
-        "gap_days": era["gap"][order],
-    }))
-    del era
-    order = _person_order(fill["person"], fill["start"])
-    f_start, f_end = fill["start"][order], fill["end"][order]
-    supply = f_end - f_start + 1
-    _write(out_dir, "drug_exposure", _arrow("drug_exposure", order.size, {
-        "drug_exposure_id": np.arange(1, order.size + 1, dtype=np.int64),
-        "person_id": pid[fill["person"][order]],
-        "drug_concept_id": fill["concept"][order],
-        "drug_exposure_start_date": f_start,
-        "drug_exposure_end_date": f_end,
-        "drug_type_concept_id": _TYPE_EHR,
-        "refills": 0,
-        "quantity": supply.astype(np.float64),
-        "days_supply": supply,
-    }))
-    del fill, order, f_start, f_end, supply
+    _write_drug_records(out_dir, pid, era, fill)
+    del era, fill
 
     # condition_occurrence: D, the outcome, indications, negative controls, noise
     parts = [
@@ -632,30 +599,13 @@ def generate_screen_cdm(out_dir: Path, *, persons: int = 60_000, seed: int = 0) 
     c_concept = np.concatenate([x[1] for x in parts])
     c_start = np.concatenate([x[2] for x in parts]).astype(np.int64)
     del parts
-    c_end = _condition_end(c_start, p.obs_end[c_rows], _rng(seed, 109))
-    order = _person_order(c_rows, c_start)
-    _write(out_dir, "condition_occurrence", _arrow("condition_occurrence", c_rows.size, {
-        "condition_occurrence_id": np.arange(1, c_rows.size + 1, dtype=np.int64),
-        "person_id": pid[c_rows[order]],
-        "condition_concept_id": c_concept[order],
-        "condition_start_date": c_start[order],
-        "condition_end_date": c_end[order],
-        "condition_type_concept_id": _TYPE_EHR,
-    }))
-    del c_concept, c_end, order
-
+    _write_conditions(out_dir, pid, c_rows, c_concept, c_start,
+                      _condition_end(c_start, p.obs_end[c_rows], _rng(seed, 109)))
+    del c_concept
     pr_rows, pr_concept, pr_day = _noise_records(
         p, 3.0, _PROCEDURE_IDS, _zipf_probs(_N_PROCEDURES, 1.2, 2.0), _rng(seed, 110))
-    order = _person_order(pr_rows, pr_day)
-    _write(out_dir, "procedure_occurrence", _arrow("procedure_occurrence", pr_rows.size, {
-        "procedure_occurrence_id": np.arange(1, pr_rows.size + 1, dtype=np.int64),
-        "person_id": pid[pr_rows[order]],
-        "procedure_concept_id": pr_concept[order],
-        "procedure_date": pr_day[order],
-        "procedure_type_concept_id": _TYPE_EHR,
-        "quantity": 1,
-    }))
-    del pr_concept, order
+    _write_procedures(out_dir, pid, pr_rows, pr_concept, pr_day)
+    del pr_concept
 
     # visit_occurrence: one outpatient visit per person-day with a condition or procedure
     key = np.concatenate([
@@ -663,7 +613,9 @@ def generate_screen_cdm(out_dir: Path, *, persons: int = 60_000, seed: int = 0) 
         (pr_rows.astype(np.int64) << 20) | (pr_day - _FAR_PAST),
     ])
     key.sort()  # sort + adjacent difference: several times faster than np.unique's hashing
-    key = key[np.concatenate([[True], key[1:] != key[:-1]])]
+    first_of_day = np.ones(key.size, dtype=bool)
+    first_of_day[1:] = key[1:] != key[:-1]
+    key = key[first_of_day]
     del c_rows, c_start, pr_rows, pr_day
     v_day = (key & ((1 << 20) - 1)) + _FAR_PAST
     _write(out_dir, "visit_occurrence", _arrow("visit_occurrence", key.size, {
@@ -688,16 +640,7 @@ def generate_screen_cdm(out_dir: Path, *, persons: int = 60_000, seed: int = 0) 
         _write(out_dir, empty, _arrow(empty, 0, {}))
 
     concept = _concept_rows()
-    n_concepts = len(concept["concept_id"])
-    _write(out_dir, "concept", _arrow("concept", n_concepts, {
-        **concept,
-        "valid_start_date": np.full(n_concepts, _day("1970-01-01")),
-        "valid_end_date": np.full(n_concepts, _day("2099-12-31")),
-    }))
-    ancestor = _ancestor_rows(concept)
-    _write(out_dir, "concept_ancestor",
-           _arrow("concept_ancestor", ancestor["ancestor_concept_id"].size, ancestor))
-    vocabularies = [
+    _write_vocabulary(out_dir, concept, _ancestor_rows(concept), [
         (SCREEN_VOCABULARY_ID, "Cohortflow screen simulator vocabulary",
          "cohort/synthetic_screen.py", "1"),
         ("RxNorm", "RxNorm (invented ingredients of the screen simulator)",
@@ -708,39 +651,18 @@ def generate_screen_cdm(out_dir: Path, *, persons: int = 60_000, seed: int = 0) 
         ("Visit", "OMOP Visit", "OMOP generated", None),
         ("Type Concept", "OMOP Type Concept", "OMOP generated", None),
         ("None", "OMOP Standardized Vocabularies", "OMOP generated", None),
-    ]
-    v = list(zip(*vocabularies, strict=True))
-    _write(out_dir, "vocabulary", _arrow("vocabulary", len(vocabularies), {
-        "vocabulary_id": list(v[0]), "vocabulary_name": list(v[1]),
-        "vocabulary_reference": list(v[2]), "vocabulary_version": list(v[3]),
-        "vocabulary_concept_id": np.zeros(len(vocabularies), dtype=np.int64),
-    }))
-    _write(out_dir, "cdm_source", _arrow("cdm_source", 1, {
-        "cdm_source_name": ["Cohortflow synthetic drug-repurposing screen CDM"],
-        "cdm_source_abbreviation": ["cohortflow_screen"],
-        "cdm_holder": ["cohortflow"],
-        "source_description": [f"Synthetic screen data with planted effects: {persons} "
-                               f"persons, seed {seed}; see truth.csv"],
-        "source_documentation_reference": ["cohort/synthetic_screen.py"],
-        "cdm_etl_reference": ["cohort.synthetic_screen.generate_screen_cdm"],
-        "source_release_date": np.array([_day("2023-01-01")]),
-        "cdm_release_date": np.array([_day("2023-01-01")]),
-        "cdm_version": ["v5.3"],
-        "vocabulary_version": [f"{SCREEN_VOCABULARY_ID} {SCREEN_GENERATOR_VERSION}"],
-    }))
+    ], (
+        "Cohortflow synthetic drug-repurposing screen CDM", "cohortflow_screen",
+        f"Synthetic screen data with planted effects: {persons} persons, seed {seed}; "
+        "see truth.csv", "cohort/synthetic_screen.py",
+        "cohort.synthetic_screen.generate_screen_cdm", "2023-01-01",
+        f"{SCREEN_VOCABULARY_ID} {SCREEN_GENERATOR_VERSION}"))
 
-    truth = out_dir / "truth.csv"
-    with truth.open("w", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["ingredient", "ingredient_concept_id", "atc_class",
-                         "atc_class_concept_id", "outcome", "outcome_concept_id", "role",
-                         "true_hr", "kind"])
-        outcomes = [(SCREEN_OUTCOME, SCREEN_OUTCOME_CONCEPT, "outcome")] + [
-            (nc, cid, "negative_control") for nc, cid in SCREEN_NEGATIVE_CONTROLS.items()]
-        for drug, cid in SCREEN_INGREDIENTS.items():
-            cls = SCREEN_CLASS_OF[drug]
-            for outcome, oid, role in outcomes:
-                writer.writerow([drug, cid, cls, SCREEN_ATC_CLASSES[cls], outcome, oid, role,
-                                 SCREEN_TRUE_HR[drug] if role == "outcome" else 1.0,
-                                 SCREEN_KIND[drug]])
-    return truth
+    outcomes = [(SCREEN_OUTCOME, SCREEN_OUTCOME_CONCEPT, "outcome")] + [
+        (nc, cid, "negative_control") for nc, cid in SCREEN_NEGATIVE_CONTROLS.items()]
+    return _write_csv(out_dir / "truth.csv", [
+        "ingredient", "ingredient_concept_id", "atc_class", "atc_class_concept_id", "outcome",
+        "outcome_concept_id", "role", "true_hr", "kind",
+    ], ([drug, cid, SCREEN_CLASS_OF[drug], SCREEN_ATC_CLASSES[SCREEN_CLASS_OF[drug]], outcome,
+         oid, role, SCREEN_TRUE_HR[drug] if role == "outcome" else 1.0, SCREEN_KIND[drug]]
+        for drug, cid in SCREEN_INGREDIENTS.items() for outcome, oid, role in outcomes))
