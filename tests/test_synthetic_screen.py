@@ -11,6 +11,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from cohort.concepts import concept_set_labels, resolve_concept_sets
+from cohort.design import ConceptSetDef
+from cohort.source import REQUIRED_COLUMNS, open_source
 from cohort.synthetic import CDM_SCHEMA
 from cohort.synthetic_screen import (
     SCREEN_ATC_CLASSES,
@@ -28,6 +31,7 @@ from cohort.synthetic_screen import (
     SCREEN_TRUE_HR,
     _first_events,
     generate_screen_cdm,
+    main,
 )
 from tests.test_synthetic import connect, scalar
 
@@ -122,6 +126,16 @@ def test_tiny_populations_still_write_every_table(tmp_path: Path, persons: int) 
         generate_screen_cdm(tmp_path, persons=0)
 
 
+def test_command_line_writes_a_cdm_and_reports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    main(["--persons", "300", "--seed", "4", "--out", str(tmp_path / "cdm")])
+    printed = capsys.readouterr().out
+    assert "300 persons (seed 4)" in printed and "peak memory" in printed
+    assert (tmp_path / "cdm" / "truth.csv").exists()
+    assert scalar(connect(tmp_path / "cdm"), "SELECT count(*) FROM person") == 300
+
+
 # --------------------------------------------------------------------------- schema, vocabulary
 def test_tables_have_the_demo_simulators_columns(cdm: Path) -> None:
     for table, columns in CDM_SCHEMA.items():
@@ -199,6 +213,30 @@ def test_atc_hierarchy_is_consistent(con: duckdb.DuckDBPyConnection) -> None:
           AND a.descendant_concept_id = c.concept_id AND a.min_levels_of_separation = 0
           AND a.max_levels_of_separation = 0)""")
     assert no_self == 0
+
+
+def test_the_engine_opens_the_cdm_and_expands_atc_classes(cdm: Path) -> None:
+    """cohort/ reads the folder as any CDM: required columns and types, an ATC class as a
+    concept set (its ingredients through concept_ancestor), ATC labels of an ingredient."""
+    source = open_source(cdm)
+    try:
+        source.require(REQUIRED_COLUMNS)
+        assert source.cdm_version == "v5.3"
+        sets = {"lipid_modifying": ConceptSetDef("lipid_modifying",
+                                                 include=(SCREEN_ATC_CLASSES["C10"],)),
+                "candidate": ConceptSetDef("candidate",
+                                           include=(SCREEN_INGREDIENTS["drug_c10_3"],))}
+        resolve_concept_sets(source, sets)
+        members = {r[0] for r in source.con.execute(
+            "SELECT concept_id FROM cf_concept_set WHERE set_name = 'lipid_modifying'"
+        ).fetchall()}
+        c10 = {cid for d, cid in SCREEN_INGREDIENTS.items() if SCREEN_CLASS_OF[d] == "C10"}
+        assert members == c10 | {SCREEN_ATC_CLASSES["C10"]}
+        labels = concept_set_labels(source, sets).set_index("set_name")
+        assert list(labels.loc["candidate", "atc"]) == [
+            "C CARDIOVASCULAR SYSTEM", "C10 LIPID MODIFYING AGENTS"]
+    finally:
+        source.close()
 
 
 def test_truth_matches_the_vocabulary_and_the_planted_values(
