@@ -14,7 +14,8 @@ a latent frailty recorded in no table):
   under 50), and Poisson(2) repeat records of D after ``d``. Persons without D get a pseudo
   date ``d`` (used for their age only).
 * ATC: 10 real ATC 2nd-level classes (A02, A10, C07, C08, C09, C10, M01, N05, N06, R03) under
-  their real 1st levels (A, C, M, N, R), 5 invented ingredients each (``drug_<class>_<j>``,
+  their real 1st levels (A, C, M, N, R), each split into 1-2 real 3rd levels (e.g. C09A ACE
+  inhibitors, C09C ARBs), 5 invented ingredients per 2nd-level class (``drug_<class>_<j>``,
   e.g. ``drug_c10_3``: synthetic names and concept ids, no claim about any real drug). Each
   class ``k`` has its own indication ``I_k`` (a condition, named after a typical indication),
   a person-level trait present from the start with
@@ -75,15 +76,16 @@ recorded in the year before start): same-class comparisons give 0.52 (planted 0.
 decoy gives 0.73 (crude ~0.5). The planted HRs are conditional hazard multipliers: marginal
 ITT estimates sit a little closer to 1 (unmeasured frailty and indications make the HR
 non-collapsible, and some comparator users start the candidate later). At 60,000 persons each
-planted drug has ~700-1,300 such new users (every ingredient >= ~450).
+planted drug has ~900-1,450 such new users (every ingredient >= ~600).
 
 Vocabulary: ``concept`` holds every concept used (invented ids >= 2,000,100,000, in the local
 range OMOP reserves; the type concepts are the demo simulator's, 2,000,009,001-2; gender
 8507/8532 and visit 9202 are the real OMOP ids). Ingredients are
 vocabulary 'RxNorm', class 'Ingredient', standard 'S', domain 'Drug'; ATC classes are
-vocabulary 'ATC', class 'ATC 1st'/'ATC 2nd', standard 'C', domain 'Drug', concept_code the
-real ATC code. ``concept_ancestor`` has a self row for every standard or classification
-concept, ATC 1st -> 2nd (1 level), 2nd -> ingredient (1) and 1st -> ingredient (2).
+vocabulary 'ATC', class 'ATC 1st'/'ATC 2nd'/'ATC 3rd', standard 'C', domain 'Drug',
+concept_code the real ATC code. ``concept_ancestor`` has a self row for every standard or
+classification concept and every ancestor pair with its levels: 1st -> 2nd -> 3rd ->
+ingredient one level each (so 2nd -> ingredient 2 levels, 1st -> ingredient 3).
 
 ``python -m cohort.synthetic_screen --persons N --seed S --out DIR`` writes one without the
 ``cohortflow`` CLI and prints its size, time and peak memory.
@@ -131,6 +133,7 @@ from cohort.synthetic import (
 __all__ = [
     "SCREEN_ATC_CLASSES",
     "SCREEN_ATC_FIRST_LEVELS",
+    "SCREEN_ATC_THIRD_LEVELS",
     "SCREEN_CLASS_OF",
     "SCREEN_CONCEPTS",
     "SCREEN_DECOY",
@@ -144,6 +147,7 @@ __all__ = [
     "SCREEN_OUTCOME",
     "SCREEN_OUTCOME_CONCEPT",
     "SCREEN_PLANTED",
+    "SCREEN_THIRD_LEVEL_OF",
     "SCREEN_TRUE_HR",
     "SCREEN_VOCABULARY_ID",
     "generate_screen_cdm",
@@ -198,6 +202,28 @@ _CLASSES = tuple(_CLASS_MODEL)
 _PER_CLASS = 5
 SCREEN_ATC_CLASSES: dict[str, int] = {c: _SB + 1101 + i for i, c in enumerate(_CLASSES)}
 """ATC 2nd-level code -> concept id."""
+# ATC 3rd levels of each class: (code, name, how many of the class's ingredients, in order).
+_THIRD_LEVELS: dict[str, tuple[tuple[str, str, int], ...]] = {
+    "A02": (("A02B", "DRUGS FOR PEPTIC ULCER AND GASTRO-OESOPHAGEAL REFLUX DISEASE (GORD)", 5),),
+    "A10": (("A10B", "BLOOD GLUCOSE LOWERING DRUGS, EXCL. INSULINS", 4),
+            ("A10A", "INSULINS AND ANALOGUES", 1)),
+    "C07": (("C07A", "BETA BLOCKING AGENTS", 5),),
+    "C08": (("C08C", "SELECTIVE CALCIUM CHANNEL BLOCKERS WITH MAINLY VASCULAR EFFECTS", 3),
+            ("C08D", "SELECTIVE CALCIUM CHANNEL BLOCKERS WITH DIRECT CARDIAC EFFECTS", 2)),
+    "C09": (("C09A", "ACE INHIBITORS, PLAIN", 3),
+            ("C09C", "ANGIOTENSIN II RECEPTOR BLOCKERS (ARBs), PLAIN", 2)),
+    "C10": (("C10A", "LIPID MODIFYING AGENTS, PLAIN", 5),),
+    "M01": (("M01A", "ANTIINFLAMMATORY AND ANTIRHEUMATIC PRODUCTS, NON-STEROIDS", 5),),
+    "N05": (("N05A", "ANTIPSYCHOTICS", 2), ("N05C", "HYPNOTICS AND SEDATIVES", 3)),
+    "N06": (("N06A", "ANTIDEPRESSANTS", 5),),
+    "R03": (("R03A", "ADRENERGICS, INHALANTS", 3),
+            ("R03B", "OTHER DRUGS FOR OBSTRUCTIVE AIRWAY DISEASES, INHALANTS", 2)),
+}
+SCREEN_ATC_THIRD_LEVELS: dict[str, int] = {
+    code: _SB + 1201 + i for i, (code, _, _) in enumerate(
+        t for c in _CLASSES for t in _THIRD_LEVELS[c])
+}
+"""ATC 3rd-level code -> concept id."""
 SCREEN_INDICATIONS: dict[str, int] = {c: _SB + 3001 + i for i, c in enumerate(_CLASSES)}
 """ATC 2nd-level code -> concept id of its class's indication (a condition)."""
 SCREEN_INGREDIENTS: dict[str, int] = {
@@ -209,6 +235,12 @@ SCREEN_CLASS_OF: dict[str, str] = {
     f"drug_{c.lower()}_{j + 1}": c for c in _CLASSES for j in range(_PER_CLASS)
 }
 """Ingredient name -> its ATC 2nd-level code."""
+SCREEN_THIRD_LEVEL_OF: dict[str, str] = {
+    f"drug_{c.lower()}_{j + 1}": code for c in _CLASSES
+    for code, j in zip([t[0] for t in _THIRD_LEVELS[c] for _ in range(t[2])], range(_PER_CLASS),
+                       strict=True)
+}
+"""Ingredient name -> its ATC 3rd-level code."""
 
 SCREEN_PLANTED: dict[str, tuple[float, str]] = {
     "drug_c10_3": (0.5, "protective"),
@@ -267,6 +299,7 @@ SCREEN_CONCEPTS: dict[str, int] = {
     SCREEN_OUTCOME: SCREEN_OUTCOME_CONCEPT,
     **SCREEN_INGREDIENTS,
     **{f"atc_{c.lower()}": cid for c, cid in SCREEN_ATC_CLASSES.items()},
+    **{f"atc_{c.lower()}": cid for c, cid in SCREEN_ATC_THIRD_LEVELS.items()},
     **{f"indication_{c.lower()}": cid for c, cid in SCREEN_INDICATIONS.items()},
     **SCREEN_NEGATIVE_CONTROLS,
 }
@@ -543,6 +576,9 @@ def _concept_rows() -> dict[str, list]:
         local(cid, name, "Drug", "ATC 1st", "ATC", "C", code)
     for code, cid in SCREEN_ATC_CLASSES.items():
         local(cid, _CLASS_MODEL[code][0], "Drug", "ATC 2nd", "ATC", "C", code)
+    names = {code: name for levels in _THIRD_LEVELS.values() for code, name, _ in levels}
+    for code, cid in SCREEN_ATC_THIRD_LEVELS.items():
+        local(cid, names[code], "Drug", "ATC 3rd", "ATC", "C", code)
     for name, cid in SCREEN_INGREDIENTS.items():
         local(cid, name, "Drug", "Ingredient", "RxNorm", "S", str(cid - _BASE))
     for code, cid in SCREEN_INDICATIONS.items():
@@ -562,12 +598,12 @@ def _concept_rows() -> dict[str, list]:
 def _ancestor_rows(concept: dict[str, list]) -> dict[str, np.ndarray]:
     pairs = [(c, c, 0) for c, s in zip(concept["concept_id"], concept["standard_concept"],
                                        strict=True) if s in ("S", "C")]
-    for code, cid in SCREEN_ATC_CLASSES.items():
-        pairs.append((SCREEN_ATC_FIRST_LEVELS[code[0]][0], cid, 1))
-    for name, cid in SCREEN_INGREDIENTS.items():
-        cls = SCREEN_CLASS_OF[name]
-        pairs.append((SCREEN_ATC_CLASSES[cls], cid, 1))
-        pairs.append((SCREEN_ATC_FIRST_LEVELS[cls[0]][0], cid, 2))
+    for name, cid in SCREEN_INGREDIENTS.items():  # each ingredient's chain, top down
+        third = SCREEN_THIRD_LEVEL_OF[name]
+        chain = [SCREEN_ATC_FIRST_LEVELS[third[0]][0], SCREEN_ATC_CLASSES[third[:3]],
+                 SCREEN_ATC_THIRD_LEVELS[third], cid]
+        pairs += [(chain[i], chain[j], j - i) for i in range(3) for j in range(i + 1, 4)]
+    pairs = list(dict.fromkeys(pairs))  # class pairs once, in first-seen order
     arr = np.array(pairs, dtype=np.int64)
     return {"ancestor_concept_id": arr[:, 0], "descendant_concept_id": arr[:, 1],
             "min_levels_of_separation": arr[:, 2], "max_levels_of_separation": arr[:, 2]}

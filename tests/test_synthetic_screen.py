@@ -18,6 +18,7 @@ from cohort.synthetic import CDM_SCHEMA
 from cohort.synthetic_screen import (
     SCREEN_ATC_CLASSES,
     SCREEN_ATC_FIRST_LEVELS,
+    SCREEN_ATC_THIRD_LEVELS,
     SCREEN_CLASS_OF,
     SCREEN_DECOY,
     SCREEN_DISEASE_CONCEPT,
@@ -28,6 +29,7 @@ from cohort.synthetic_screen import (
     SCREEN_OUTCOME,
     SCREEN_OUTCOME_CONCEPT,
     SCREEN_PLANTED,
+    SCREEN_THIRD_LEVEL_OF,
     SCREEN_TRUE_HR,
     _first_events,
     generate_screen_cdm,
@@ -167,8 +169,8 @@ def test_every_concept_used_is_in_the_vocabulary(con: duckdb.DuckDBPyConnection)
 
 
 def test_atc_hierarchy_is_consistent(con: duckdb.DuckDBPyConnection) -> None:
-    # Every ingredient has exactly one ATC 2nd-level ancestor (1 level up) and one 1st level
-    # (2 levels up), the one its code starts with.
+    # Every ingredient has exactly one ATC ancestor per level: 3rd (1 level up), 2nd (2 up)
+    # and 1st (3 up), each the one its code starts with.
     rows = con.sql("""
         SELECT i.concept_name, a.concept_class_id, a.concept_code,
                ca.min_levels_of_separation, ca.max_levels_of_separation
@@ -182,8 +184,10 @@ def test_atc_hierarchy_is_consistent(con: duckdb.DuckDBPyConnection) -> None:
         by_drug.setdefault(name, []).append((cls, code, lo, hi))
     assert set(by_drug) == set(SCREEN_INGREDIENTS)
     for drug, ancestors in by_drug.items():
-        code = SCREEN_CLASS_OF[drug]
-        assert sorted(ancestors) == [("ATC 1st", code[0], 2, 2), ("ATC 2nd", code, 1, 1)]
+        code, third = SCREEN_CLASS_OF[drug], SCREEN_THIRD_LEVEL_OF[drug]
+        assert third.startswith(code)
+        assert sorted(ancestors) == [("ATC 1st", code[0], 3, 3), ("ATC 2nd", code, 2, 2),
+                                     ("ATC 3rd", third, 1, 1)]
     # Each class: >= 4 ingredients, under its 1st level.
     sizes = dict(con.sql("""
         SELECT a.concept_code, count(*) FROM concept_ancestor ca
@@ -197,14 +201,15 @@ def test_atc_hierarchy_is_consistent(con: duckdb.DuckDBPyConnection) -> None:
         SELECT p.concept_code, c.concept_code FROM concept_ancestor ca
         JOIN concept p ON p.concept_id = ca.ancestor_concept_id
         JOIN concept c ON c.concept_id = ca.descendant_concept_id
-        WHERE p.concept_class_id = 'ATC 1st' AND c.concept_class_id = 'ATC 2nd'""").fetchall()
-    assert sorted(parents) == sorted((c[0], c) for c in SCREEN_ATC_CLASSES)
+        WHERE ca.min_levels_of_separation = 1 AND c.vocabulary_id = 'ATC'""").fetchall()
+    assert sorted(parents) == sorted([(c[0], c) for c in SCREEN_ATC_CLASSES]
+                                     + [(c[:3], c) for c in SCREEN_ATC_THIRD_LEVELS])
     atc = con.sql("SELECT DISTINCT domain_id, standard_concept FROM concept "
                   "WHERE vocabulary_id = 'ATC'").fetchall()
     assert atc == [("Drug", "C")]
     ids = dict(con.sql("SELECT concept_code, concept_id FROM concept "
                        "WHERE vocabulary_id = 'ATC'").fetchall())
-    assert ids == {**SCREEN_ATC_CLASSES,
+    assert ids == {**SCREEN_ATC_CLASSES, **SCREEN_ATC_THIRD_LEVELS,
                    **{c: cid for c, (cid, _) in SCREEN_ATC_FIRST_LEVELS.items()}}
     # Self rows for every standard and classification concept.
     no_self = scalar(con, """
@@ -231,10 +236,11 @@ def test_the_engine_opens_the_cdm_and_expands_atc_classes(cdm: Path) -> None:
             "SELECT concept_id FROM cf_concept_set WHERE set_name = 'lipid_modifying'"
         ).fetchall()}
         c10 = {cid for d, cid in SCREEN_INGREDIENTS.items() if SCREEN_CLASS_OF[d] == "C10"}
-        assert members == c10 | {SCREEN_ATC_CLASSES["C10"]}
+        assert members == c10 | {SCREEN_ATC_CLASSES["C10"], SCREEN_ATC_THIRD_LEVELS["C10A"]}
         labels = concept_set_labels(source, sets).set_index("set_name")
         assert list(labels.loc["candidate", "atc"]) == [
-            "C CARDIOVASCULAR SYSTEM", "C10 LIPID MODIFYING AGENTS"]
+            "C CARDIOVASCULAR SYSTEM", "C10 LIPID MODIFYING AGENTS",
+            "C10A LIPID MODIFYING AGENTS, PLAIN"]
     finally:
         source.close()
 
