@@ -24,16 +24,15 @@ a latent frailty recorded in no table):
   or anywhere in observation for carriers who never start one, plus Poisson(0.8) repeats) with
   probability 95%, except M01's indication (the decoy's): 40%; unrecorded carriers have no
   record of it at all.
-* Drug starts: each person starts a class-``k`` drug with probability
-  ``logit^-1(-2.9 + 2.9 I_k + 0.25 h + 0.1 a)`` (~50% of carriers, ~5% of others: off-label),
-  independently by class (persons use 0-10 distinct ingredients, mean ~1.6; 73% at least
-  one, 45% two or more). The
-  ingredient inside the class is a multinomial logit on fixed shares (26/22/20/17/15%) with
-  small age and sex effects (measured, so same-class comparisons are confounded only by
-  measured covariates). For persons with D, 75% of starts fall after ``d`` (uniform-ish over
-  the rest of observation, earlier more likely) and 25% before; persons without D start
-  anywhere in observation. 20% of class starters later switch to another ingredient of the
-  same class (1-91 days after their first era ends); 20% of eras restart the same ingredient
+* Drug starts: each person starts a class-``k`` drug with probability ``logit^-1(-2.9 + 2.9 I_k +
+  0.25 h + 0.1 a)`` (~50% of carriers, ~5% of others: off-label), independently by class (persons
+  use 0-10 distinct ingredients, mean ~1.6; 73% at least one, 45% two or more). The ingredient
+  inside the class is a multinomial logit on fixed shares (26/22/20/17/15%) with small age and sex
+  effects (measured, so same-class comparisons are confounded only by measured covariates). For
+  persons with D, 75% of starts fall after ``d`` (uniform-ish over the rest of observation,
+  earlier more likely) and 25% before; persons without D start anywhere in observation. 20% of
+  class starters later switch to another ingredient of the same class (1-91 days after their first
+  era ends); 20% of those first and switch eras are followed by a restart of the same ingredient
   61+ days after they end. Eras are 30-day fills (``cohort.synthetic._eras``: 30-1,000 days,
   median ~90), written to ``drug_era`` and, one row per fill at the ingredient concept, to
   ``drug_exposure``.
