@@ -72,7 +72,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -451,6 +451,136 @@ def _person_order(person_id: np.ndarray, start: np.ndarray) -> np.ndarray:
     """A deterministic row order: by person, then date, ties in generation order."""
     key = (person_id.astype(np.int64) << 20) | (start.astype(np.int64) - _FAR_PAST)
     return np.argsort(key, kind="stable")
+
+
+# ----------------------------------------------------------------------------- table writers
+# Shared with cohort.synthetic_screen: each writes one or two CDM tables from record arrays
+# (``rows`` index ``person_id``), clinical records in person, date order with ids from 1.
+def _write_person(out_dir: Path, person_id: np.ndarray, male: np.ndarray,
+                  birth_day: np.ndarray) -> None:
+    birth = birth_day.astype("datetime64[D]")
+    _write(out_dir, "person", _arrow("person", person_id.size, {
+        "person_id": person_id,
+        "gender_concept_id": np.where(male, GENDER_MALE, GENDER_FEMALE),
+        "year_of_birth": birth.astype("datetime64[Y]").astype(np.int64) + 1970,
+        "month_of_birth": (birth.astype("datetime64[M]").astype(np.int64) % 12) + 1,
+        "day_of_birth": (birth - birth.astype("datetime64[M]")).astype(np.int64) + 1,
+        "birth_datetime": birth,
+        "race_concept_id": 0,
+        "ethnicity_concept_id": 0,
+        "gender_source_value": np.where(male, "M", "F"),
+    }))
+
+
+def _write_observation_periods(out_dir: Path, person_id: np.ndarray, start: np.ndarray,
+                               end: np.ndarray) -> None:
+    order = _person_order(person_id, start)
+    _write(out_dir, "observation_period", _arrow("observation_period", person_id.size, {
+        "observation_period_id": np.arange(1, person_id.size + 1, dtype=np.int64),
+        "person_id": person_id[order],
+        "observation_period_start_date": start[order],
+        "observation_period_end_date": end[order],
+        "period_type_concept_id": _TYPE_PERIOD,
+    }))
+
+
+def _write_conditions(out_dir: Path, person_id: np.ndarray, rows: np.ndarray,
+                      concept: np.ndarray, start: np.ndarray, end: np.ndarray) -> None:
+    order = _person_order(rows, start)
+    _write(out_dir, "condition_occurrence", _arrow("condition_occurrence", rows.size, {
+        "condition_occurrence_id": np.arange(1, rows.size + 1, dtype=np.int64),
+        "person_id": person_id[rows[order]],
+        "condition_concept_id": concept[order],
+        "condition_start_date": start[order],
+        "condition_end_date": end[order],
+        "condition_type_concept_id": _TYPE_EHR,
+    }))
+
+
+def _write_drug_records(out_dir: Path, person_id: np.ndarray, eras: Mapping[str, np.ndarray],
+                        fills: Mapping[str, np.ndarray]) -> None:
+    """drug_era and drug_exposure from the columns ``_eras`` returns (concatenated)."""
+    order = _person_order(eras["person"], eras["start"])
+    _write(out_dir, "drug_era", _arrow("drug_era", order.size, {
+        "drug_era_id": np.arange(1, order.size + 1, dtype=np.int64),
+        "person_id": person_id[eras["person"][order]],
+        "drug_concept_id": eras["concept"][order],
+        "drug_era_start_date": eras["start"][order],
+        "drug_era_end_date": eras["end"][order],
+        "drug_exposure_count": eras["count"][order],
+        "gap_days": eras["gap"][order],
+    }))
+    order = _person_order(fills["person"], fills["start"])
+    f_start, f_end = fills["start"][order], fills["end"][order]
+    supply = f_end - f_start + 1
+    _write(out_dir, "drug_exposure", _arrow("drug_exposure", order.size, {
+        "drug_exposure_id": np.arange(1, order.size + 1, dtype=np.int64),
+        "person_id": person_id[fills["person"][order]],
+        "drug_concept_id": fills["concept"][order],
+        "drug_exposure_start_date": f_start,
+        "drug_exposure_end_date": f_end,
+        "drug_type_concept_id": _TYPE_EHR,
+        "refills": 0,
+        "quantity": supply.astype(np.float64),
+        "days_supply": supply,
+    }))
+
+
+def _write_procedures(out_dir: Path, person_id: np.ndarray, rows: np.ndarray,
+                      concept: np.ndarray, day: np.ndarray) -> None:
+    """procedure_occurrence as given (``_noise_records`` draws rows in person order)."""
+    _write(out_dir, "procedure_occurrence", _arrow("procedure_occurrence", rows.size, {
+        "procedure_occurrence_id": np.arange(1, rows.size + 1, dtype=np.int64),
+        "person_id": person_id[rows],
+        "procedure_concept_id": concept,
+        "procedure_date": day,
+        "procedure_type_concept_id": _TYPE_EHR,
+        "quantity": 1,
+    }))
+
+
+def _write_vocabulary(
+    out_dir: Path, concept: Mapping[str, list], ancestor: Mapping[str, np.ndarray],
+    vocabularies: list[tuple[str, str, str, str | None]], source: tuple[str, ...],
+) -> None:
+    """concept, concept_ancestor, vocabulary (id, name, reference, version per row) and the
+    one cdm_source row: ``source`` is (name, abbreviation, description, documentation
+    reference, ETL reference, ISO release date, vocabulary version)."""
+    n_concepts = len(concept["concept_id"])
+    _write(out_dir, "concept", _arrow("concept", n_concepts, {
+        **concept,
+        "valid_start_date": np.full(n_concepts, _day("1970-01-01")),
+        "valid_end_date": np.full(n_concepts, _day("2099-12-31")),
+    }))
+    _write(out_dir, "concept_ancestor",
+           _arrow("concept_ancestor", ancestor["ancestor_concept_id"].size, ancestor))
+    v = [list(c) for c in zip(*vocabularies, strict=True)]
+    _write(out_dir, "vocabulary", _arrow("vocabulary", len(vocabularies), {
+        "vocabulary_id": v[0], "vocabulary_name": v[1], "vocabulary_reference": v[2],
+        "vocabulary_version": v[3],
+        "vocabulary_concept_id": np.zeros(len(vocabularies), dtype=np.int64),
+    }))
+    name, abbreviation, description, documentation, etl, release, vocabulary = source
+    _write(out_dir, "cdm_source", _arrow("cdm_source", 1, {
+        "cdm_source_name": [name],
+        "cdm_source_abbreviation": [abbreviation],
+        "cdm_holder": ["cohortflow"],
+        "source_description": [description],
+        "source_documentation_reference": [documentation],
+        "cdm_etl_reference": [etl],
+        "source_release_date": np.array([_day(release)]),
+        "cdm_release_date": np.array([_day(release)]),
+        "cdm_version": ["v5.3"],
+        "vocabulary_version": [vocabulary],
+    }))
+
+
+def _write_csv(path: Path, header: list[str], rows: Iterable[list]) -> Path:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
 
 
 # ----------------------------------------------------------------------------- persons
@@ -854,19 +984,7 @@ def generate_demo_cdm(
     p = _Persons(persons, seed, float(unmeasured_confounding))
     pid = p.person_id
 
-    # person
-    birth = p.birth.astype("datetime64[D]")
-    _write(out_dir, "person", _arrow("person", p.n, {
-        "person_id": pid,
-        "gender_concept_id": np.where(p.male, GENDER_MALE, GENDER_FEMALE),
-        "year_of_birth": birth.astype("datetime64[Y]").astype(np.int64) + 1970,
-        "month_of_birth": (birth.astype("datetime64[M]").astype(np.int64) % 12) + 1,
-        "day_of_birth": (birth - birth.astype("datetime64[M]")).astype(np.int64) + 1,
-        "birth_datetime": birth,
-        "race_concept_id": 0,
-        "ethnicity_concept_id": 0,
-        "gender_source_value": np.where(p.male, "M", "F"),
-    }))
+    _write_person(out_dir, pid, p.male, p.birth)
 
     # observation_period: main periods, earlier periods, orphans (person ids with no person)
     rng = _rng(seed, 2)
@@ -877,14 +995,7 @@ def generate_demo_cdm(
     op_person = np.concatenate([pid, pid[prior], persons + 1 + np.arange(n_orphans)])
     op_start = np.concatenate([p.obs_start, p.prior_start[prior], orphan_start])
     op_end = np.concatenate([p.obs_end, p.prior_end[prior], orphan_end])
-    order = _person_order(op_person, op_start)
-    _write(out_dir, "observation_period", _arrow("observation_period", op_person.size, {
-        "observation_period_id": np.arange(1, op_person.size + 1, dtype=np.int64),
-        "person_id": op_person[order],
-        "observation_period_start_date": op_start[order],
-        "observation_period_end_date": op_end[order],
-        "period_type_concept_id": _TYPE_PERIOD,
-    }))
+    _write_observation_periods(out_dir, op_person, op_start, op_end)
 
     # Study-drug eras first (their own stream, so the order changes nothing): in on-treatment
     # mode the outcome hazard follows the first exposure episode.
@@ -901,64 +1012,26 @@ def generate_demo_cdm(
     dirt = rng.random(n_rows.size) < 0.001
     n_start[dirt] = p.obs_end[n_rows[dirt]] + rng.integers(1, 181, int(dirt.sum()))
     n_end[dirt] = n_start[dirt]
-    c_rows = np.concatenate([ind[0], out[0], n_rows])
-    c_start = np.concatenate([ind[2], out[2], n_start])
-    order = _person_order(c_rows, c_start)
-    _write(out_dir, "condition_occurrence", _arrow("condition_occurrence", c_rows.size, {
-        "condition_occurrence_id": np.arange(1, c_rows.size + 1, dtype=np.int64),
-        "person_id": pid[c_rows[order]],
-        "condition_concept_id": np.concatenate([ind[1], out[1], n_concept])[order],
-        "condition_start_date": c_start[order],
-        "condition_end_date": np.concatenate([ind[3], out[3], n_end])[order],
-        "condition_type_concept_id": _TYPE_EHR,
-    }))
-    del ind, out, n_rows, n_concept, n_start, n_end, c_rows, c_start, order
+    _write_conditions(out_dir, pid, np.concatenate([ind[0], out[0], n_rows]),
+                      np.concatenate([ind[1], out[1], n_concept]),
+                      np.concatenate([ind[2], out[2], n_start]),
+                      np.concatenate([ind[3], out[3], n_end]))
+    del ind, out, n_rows, n_concept, n_start, n_end
 
     # drug_era + drug_exposure: study drugs and noise ingredients
     e, f = _noise_drug_records(p, _rng(seed, 6))
     eras.append(e)
     fills.append(f)
-    e = {k: np.concatenate([x[k] for x in eras]) for k in eras[0]}
-    order = _person_order(e["person"], e["start"])
-    _write(out_dir, "drug_era", _arrow("drug_era", order.size, {
-        "drug_era_id": np.arange(1, order.size + 1, dtype=np.int64),
-        "person_id": pid[e["person"][order]],
-        "drug_concept_id": e["concept"][order],
-        "drug_era_start_date": e["start"][order],
-        "drug_era_end_date": e["end"][order],
-        "drug_exposure_count": e["count"][order],
-        "gap_days": e["gap"][order],
-    }))
-    f = {k: np.concatenate([x[k] for x in fills]) for k in fills[0]}
-    del eras, fills, e
-    order = _person_order(f["person"], f["start"])
-    f_start, f_end = f["start"][order], f["end"][order]
-    supply = f_end - f_start + 1
-    _write(out_dir, "drug_exposure", _arrow("drug_exposure", order.size, {
-        "drug_exposure_id": np.arange(1, order.size + 1, dtype=np.int64),
-        "person_id": pid[f["person"][order]],
-        "drug_concept_id": f["concept"][order],
-        "drug_exposure_start_date": f_start,
-        "drug_exposure_end_date": f_end,
-        "drug_type_concept_id": _TYPE_EHR,
-        "refills": 0,
-        "quantity": supply.astype(np.float64),
-        "days_supply": supply,
-    }))
-    del f, order, f_start, f_end, supply
+    _write_drug_records(out_dir, pid,
+                        {k: np.concatenate([x[k] for x in eras]) for k in eras[0]},
+                        {k: np.concatenate([x[k] for x in fills]) for k in fills[0]})
+    del eras, fills, e, f
 
     # procedure_occurrence, measurement
     rng = _rng(seed, 7)
     rows, concept, day = _noise_records(
         p, 4.0, _PROCEDURE_IDS, _zipf_probs(_N_PROCEDURES, 1.2, 2.0), rng)
-    _write(out_dir, "procedure_occurrence", _arrow("procedure_occurrence", rows.size, {
-        "procedure_occurrence_id": np.arange(1, rows.size + 1, dtype=np.int64),
-        "person_id": pid[rows],
-        "procedure_concept_id": concept,
-        "procedure_date": day,
-        "procedure_type_concept_id": _TYPE_EHR,
-        "quantity": 1,
-    }))
+    _write_procedures(out_dir, pid, rows, concept, day)
     rng = _rng(seed, 8)
     rows, m, day = _noise_records(
         p, 5.0, np.arange(_N_MEASUREMENTS), _zipf_probs(_N_MEASUREMENTS, 0.8, 2.0), rng)
@@ -980,49 +1053,21 @@ def generate_demo_cdm(
 
     # vocabulary tables
     concept = _concept_rows()
-    n_concepts = len(concept["concept_id"])
-    _write(out_dir, "concept", _arrow("concept", n_concepts, {
-        **concept,
-        "valid_start_date": np.full(n_concepts, _day("1970-01-01")),
-        "valid_end_date": np.full(n_concepts, _day("2099-12-31")),
-    }))
-    ancestor = _ancestor_rows(concept)
-    _write(out_dir, "concept_ancestor",
-           _arrow("concept_ancestor", ancestor["ancestor_concept_id"].size, ancestor))
-    _write(out_dir, "vocabulary", _arrow("vocabulary", 3, {
-        "vocabulary_id": [DEMO_VOCABULARY_ID, "Gender", "None"],
-        "vocabulary_name": ["Cohortflow synthetic demo vocabulary", "OMOP Gender",
-                            "OMOP Standardized Vocabularies"],
-        "vocabulary_reference": ["cohort/synthetic.py", "OMOP generated", "OMOP generated"],
-        "vocabulary_version": ["1", None, None],
-        "vocabulary_concept_id": np.zeros(3, dtype=np.int64),
-    }))
-    _write(out_dir, "cdm_source", _arrow("cdm_source", 1, {
-        "cdm_source_name": ["Cohortflow synthetic demo CDM"],
-        "cdm_source_abbreviation": ["cohortflow_demo"],
-        "cdm_holder": ["cohortflow"],
-        "source_description": [f"Synthetic data with planted effects: {persons} persons, "
-                               f"seed {seed}, unmeasured confounding {p.unmeasured_confounding:g}"
-                               + (", on-treatment effects" if on_treatment else "")
-                               + "; see truth.csv"],
-        "source_documentation_reference": ["cohort/synthetic.py"],
-        "cdm_etl_reference": ["cohort.synthetic.generate_demo_cdm"],
-        "source_release_date": np.array([_day("2021-01-01")]),
-        "cdm_release_date": np.array([_day("2021-01-01")]),
-        "cdm_version": ["v5.3"],
-        "vocabulary_version": [f"{DEMO_VOCABULARY_ID} 1"],
-    }))
+    _write_vocabulary(out_dir, concept, _ancestor_rows(concept), [
+        (DEMO_VOCABULARY_ID, "Cohortflow synthetic demo vocabulary", "cohort/synthetic.py", "1"),
+        ("Gender", "OMOP Gender", "OMOP generated", None),
+        ("None", "OMOP Standardized Vocabularies", "OMOP generated", None),
+    ], (
+        "Cohortflow synthetic demo CDM", "cohortflow_demo",
+        f"Synthetic data with planted effects: {persons} persons, seed {seed}, unmeasured "
+        f"confounding {p.unmeasured_confounding:g}"
+        + (", on-treatment effects" if on_treatment else "") + "; see truth.csv",
+        "cohort/synthetic.py", "cohort.synthetic.generate_demo_cdm", "2021-01-01",
+        f"{DEMO_VOCABULARY_ID} 1"))
 
-    truth = out_dir / "truth.csv"
-    with truth.open("w", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["treatment", "treatment_concept_id", "comparator",
-                         "comparator_concept_id", "outcome", "outcome_concept_id", "role",
-                         "true_hr"])
-        for t in TREATMENTS:
-            for o in (*OUTCOMES, *NEGATIVE_CONTROLS):
-                writer.writerow([t, DEMO_CONCEPTS[t], COMPARATOR, DEMO_CONCEPTS[COMPARATOR], o,
-                                 DEMO_CONCEPTS[o],
-                                 "outcome" if o in OUTCOMES else "negative_control",
-                                 true_hr(t, o)])
-    return truth
+    return _write_csv(out_dir / "truth.csv", [
+        "treatment", "treatment_concept_id", "comparator", "comparator_concept_id", "outcome",
+        "outcome_concept_id", "role", "true_hr",
+    ], ([t, DEMO_CONCEPTS[t], COMPARATOR, DEMO_CONCEPTS[COMPARATOR], o, DEMO_CONCEPTS[o],
+         "outcome" if o in OUTCOMES else "negative_control", true_hr(t, o)]
+        for t in TREATMENTS for o in (*OUTCOMES, *NEGATIVE_CONTROLS)))
