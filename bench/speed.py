@@ -390,6 +390,8 @@ def stage_breakdown(child: dict, record: dict) -> list[dict]:
         t.get("prepare", 0.0) - sum(prepare_stages.values()),
         "timer: pipeline.prepare - runs.timings.prepare_stages")
     for stage in PREPARE_STAGES:
+        if stage == "screen" and stage not in prepare_stages:
+            continue  # only a screen study expands its candidates
         group = ("cohorts" if stage in ("concept_sets", "screen", "cohorts", "outcomes")
                  else "covariates")
         add(group, f"prepare_study: {stage}", prepare_stages.get(stage),

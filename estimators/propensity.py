@@ -359,14 +359,32 @@ def _finish(point: _PathPoint, t: np.ndarray, **fields) -> PropensityFit:
     )
 
 
+AUC_TIE = 0.005
+"""Balance selection: AUCs closer than this count as tied. Along the weak end of the penalty
+path the in-sample AUC creeps up by thousandths while the fits get slower and overfit."""
+
+
 def choose_by_balance(n_imbalanced: Sequence[int], aucs: Sequence[float]) -> int:
     """Index of the penalty with the fewest imbalanced covariates; ties go to the higher AUC (as
-    Zang et al. 2023), then to the earlier, stronger penalty."""
+    Zang et al. 2023), AUCs within AUC_TIE of the best counting as tied, then to the earlier,
+    stronger penalty."""
     n = np.asarray(n_imbalanced)
     if n.size == 0 or n.size != len(aucs):
         raise ValueError("one imbalanced count and one AUC per penalty are needed")
     fewest = np.flatnonzero(n == n.min())
-    return int(fewest[np.argmax(np.asarray(aucs, dtype=np.float64)[fewest])])
+    auc_values = np.asarray(aucs, dtype=np.float64)[fewest]
+    return int(fewest[auc_values >= auc_values.max() - AUC_TIE][0])
+
+
+def balance_walk_done(n_imbalanced: Sequence[int], aucs: Sequence[float]) -> bool:
+    """Stop the balance walk once every covariate balances and the last EARLY_STOP_AFTER
+    penalties have not raised the AUC by AUC_TIE over the balanced fits before them: no weaker
+    penalty could then be chosen."""
+    if len(n_imbalanced) <= EARLY_STOP_AFTER or n_imbalanced[-1] != 0:
+        return False
+    earlier = [a for a, c in zip(aucs[:-EARLY_STOP_AFTER], n_imbalanced[:-EARLY_STOP_AFTER],
+                                 strict=True) if c == 0]
+    return bool(earlier) and max(aucs[-EARLY_STOP_AFTER:]) < max(earlier) + AUC_TIE
 
 
 def _checked_grid(grid: Sequence[float] | None, lambda_max: Callable[[], float]) -> np.ndarray:
@@ -386,9 +404,10 @@ def fit_by_balance(
 
     Zang et al. (2023): balance, not likelihood, is what the PS model is for. Each penalty of the
     grid is fitted once on the fitting rows (arms capped at max_fit_rows); balance is measured on
-    every row of X with the pipeline's truncated stabilised ATE weights. Every grid point is
-    visited (no early stop: the count need not be monotone); penalties at or above the fitting
-    sample's lambda_max are intercept-only and cost no solver call.
+    every row of X with the pipeline's truncated stabilised ATE weights. The count need not be
+    monotone along the path, so the walk stops early only once every covariate balances and the
+    AUC has stopped rising (balance_walk_done); penalties at or above the fitting sample's
+    lambda_max are intercept-only and cost no solver call.
     """
     # Imported here: both modules import this one.
     from estimators.balance import count_imbalanced, covariate_balance
@@ -407,9 +426,12 @@ def fit_by_balance(
         counts.append(count_imbalanced(covariate_balance(X, t, truncated_iptw_weights(ps, t))))
         aucs.append(auc(ps, t))
         points.append(replace(point, z=np.empty(0)))  # keep coefficients, not n-long arrays
+        if balance_walk_done(counts, aucs):
+            break
     best = points[choose_by_balance(counts, aucs)]
     best = replace(best, z=_linear_predictor(X, best.coef, best.intercept))
-    return _finish(best, t, lambdas=np.asarray(lambdas), cv_log_loss=np.empty(0), n_cv_rows=0,
+    return _finish(best, t, lambdas=np.asarray(lambdas[:len(points)]), cv_log_loss=np.empty(0),
+                   n_cv_rows=0,
                    n_fit_rows=int(tf.shape[0]), selection="balance",
                    n_imbalanced=np.asarray(counts, dtype=np.int64), path_auc=np.asarray(aucs))
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 INPUT_ERRORS = (StudyFileError, SourceError, StoreError, LookupError, NoServerError)
 DEFAULT_RESULTS = "data/results.duckdb"
+CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def _quiet_prefect(verbose: bool, quiet: bool) -> None:
@@ -188,12 +189,26 @@ def _print_summary(run: dict, args: argparse.Namespace, extra: Callable | None =
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from flows.demo import add_truth, ensure_demo_data
+    from flows.demo import add_truth, ensure_demo_data, screen_against_truth
 
-    cdm = load_study(args.config).source_path  # the demo study says where its data lives
-    ensure_demo_data(cdm, persons=args.persons, seed=args.seed)
-    run = _run(str(args.config), args)
-    _print_summary(run, args, extra=lambda wide: add_truth(wide, cdm))
+    kind = "comparison" if args.comparison else "screen"
+    config = args.config or CONFIGS / ("demo.yaml" if args.comparison else "screen_demo.yaml")
+    persons = args.persons or (50_000 if args.comparison else 60_000)
+    cdm = load_study(config).source_path  # the demo study says where its data lives
+    ensure_demo_data(cdm, persons=persons, seed=args.seed, kind=kind)
+    run = _run(str(config), args)
+    if args.comparison:
+        _print_summary(run, args, extra=lambda wide: add_truth(wide, cdm))
+        return 0
+    _print_summary(run, args)
+    if not args.quiet:
+        primary = "iptw" if "iptw" in load_study(config).config.estimators else "crude"
+        table = screen_against_truth(Path(args.results), run["run_id"], cdm, primary)
+        print(f"\nthe best-ranked candidates of each comparator strategy ({primary}, pooled "
+              "over the strategy's balanced trials) and every planted one, next to the truth "
+              "(true_hr; kind: protective, harmful, decoy or null):")
+        shown = table.astype(object).where(table.notna(), "")
+        print(shown.to_string(index=False, float_format="{:.3g}".format))
     return 0
 
 
@@ -369,12 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dask-address", metavar="tcp://HOST:PORT",
                        help="a running Dask scheduler (implies --runner dask)")
 
-    demo = sub.add_parser("demo", help="generate a synthetic CDM with planted effects and "
-                                       "run configs/demo.yaml on it")
-    demo.add_argument("--persons", type=int, default=50_000)
+    demo = sub.add_parser("demo", help="generate a synthetic CDM with planted effects and run "
+                                       "a drug-repurposing screen on it (configs/"
+                                       "screen_demo.yaml; --comparison: configs/demo.yaml)")
+    demo.add_argument("--comparison", action="store_true",
+                      help="the single-comparison demo: 4 drugs vs a shared comparator")
+    demo.add_argument("--persons", type=int,
+                      help="persons to generate (default 60,000; 50,000 with --comparison)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--config", type=Path, default=Path(__file__).parents[1] / "configs"
-                      / "demo.yaml")
+    demo.add_argument("--config", type=Path, help="the study file to run on the demo data")
     run_options(demo)
     demo.set_defaults(func=cmd_demo)
 

@@ -7,7 +7,7 @@ from scipy.special import expit
 
 from estimators.balance import count_imbalanced, covariate_balance
 from estimators.hazard import truncated_iptw_weights
-from estimators.propensity import choose_by_balance, fit_propensity
+from estimators.propensity import balance_walk_done, choose_by_balance, fit_propensity
 
 
 def confounded(n=4000, p=300, seed=2):
@@ -48,6 +48,22 @@ def test_ties_go_to_the_higher_auc():
 
 def test_exact_ties_go_to_the_stronger_penalty():
     assert choose_by_balance([2, 2, 2], [0.7, 0.7, 0.7]) == 0
+
+
+def test_aucs_within_the_tie_margin_go_to_the_stronger_penalty():
+    # 0.678 is within AUC_TIE (0.005) of the best, 0.679: the stronger penalty (index 2) wins
+    assert choose_by_balance([1, 0, 0, 0, 0], [0.6, 0.669, 0.678, 0.679, 0.679]) == 2
+
+
+def test_the_walk_stops_once_balanced_and_the_auc_stops_rising():
+    # every covariate balances from index 3; the AUC still rose there (0.669 -> 0.675)...
+    assert not balance_walk_done([9, 5, 0, 0, 0], [0.5, 0.58, 0.648, 0.669, 0.675])
+    # ...then gained less than AUC_TIE over two more penalties: done
+    assert balance_walk_done([9, 5, 0, 0, 0, 0, 0], [0.5, 0.58, 0.648, 0.669, 0.675, 0.678,
+                                                     0.678])
+    # imbalance left: keep walking, the count need not be monotone
+    assert not balance_walk_done([18, 16, 15, 17, 9, 9, 9], [0.5, 0.8, 0.83, 0.83, 0.9, 0.9,
+                                                              0.9])
 
 
 def test_selection_rule_rejects_mismatched_inputs():
