@@ -54,7 +54,7 @@ def attrition_steps(design: CohortDesign) -> list[tuple[str, str, str]]:
         rule = ("a treated person's first-exposure date" if comparator.index_rule ==
                 "matched_calendar" else "a randomly chosen visit")
         entry += f"; comparator: persons given {rule} as time zero"
-    if comparator.max_ratio is not None and comparator.pooled:
+    if comparator.max_ratio is not None:
         entry += (f" (comparator pool pre-sampled at random to about "
                   f"{comparator.max_ratio * 2:g} per treated person)")
     steps = [("first_exposure", entry, "true")]

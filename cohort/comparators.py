@@ -13,7 +13,8 @@
   time and the time since entering the data compare like for like); `random_visit` takes one
   of the person's visits.
 
-Large pools are sampled with a stable hash of (person, treatment and comparator names, seed),
+Large pools (and, with `max_ratio`, the users of a single comparator drug) are sampled with a
+stable hash of (person, treatment and comparator names, seed),
 so adding a comparison to a study leaves the others' samples alone: a pre-sample before
 the eligibility rules (about twice the target size; said in the first attrition step) and a
 final cap at `max_ratio` comparator persons per treated person (its own step). The candidate's
@@ -89,12 +90,23 @@ def build_comparator_entries(source: RecordSource, comparator: ComparatorDef) ->
     params = {"seed": comparator.seed}
     probability = presample_probability_sql(comparator)
     if comparator.single_drug:
-        con.execute("""
+        con.execute(f"""
             CREATE OR REPLACE TEMP TABLE cf_comparator_raw AS
+            WITH users AS (SELECT set_name, count(*) AS persons FROM cf_entry GROUP BY set_name),
+            size AS (
+                SELECT c.comparison_id, coalesce(t.persons, 0) AS n_treated,
+                       coalesce(p.persons, 0) AS pool
+                FROM cf_comparison c LEFT JOIN users t ON t.set_name = c.treatment
+                LEFT JOIN users p ON p.set_name = c.comparator
+            )
             SELECT c.comparison_id, e.set_name, e.person_id, e.index_date, e.episode_end,
                    false AS treated
-            FROM cf_comparison c JOIN cf_entry e ON e.set_name = c.comparator
-        """)
+            FROM cf_comparison c JOIN size USING (comparison_id)
+            JOIN cf_entry e ON e.set_name = c.comparator
+            WHERE {uniform_sql("e.person_id", "c.treatment", "c.comparator", 1)} < {probability}
+               OR e.person_id IN (SELECT person_id FROM cf_entry t  -- the candidate's users:
+                                  WHERE t.set_name = c.treatment)  -- always
+        """, params)
         return
     if comparator.kind == "other_candidates":
         con.execute(f"""
