@@ -226,7 +226,27 @@ def _comparison_rules(source: RecordSource, design: CohortDesign) -> None:
           "censor_death": design.censor_at_death, "max_days": design.max_follow_up_days})
     con.execute("DROP TABLE cf_cmp_stage")
     before_common = "eligible_so_far AND NOT dropped_in_both"
-    draw = uniform_sql("person_id", "key_treatment", "key_comparator", 3)
+    # The comparator cap ranks only the comparator rows that reach it (a hash draw per
+    # comparison); every other row is kept as it is.
+    sample = ("SELECT r.*, true AS sampled FROM ranked r" if comparator.max_ratio is None else f"""
+        , drawn AS (
+            SELECT r.comparison_id, r.person_id,
+                   row_number() OVER (PARTITION BY r.comparison_id ORDER BY
+                       {uniform_sql("r.person_id", "c.treatment", "c.comparator", 3)},
+                       r.person_id) AS position
+            FROM ranked r JOIN cf_comparison c USING (comparison_id)
+            WHERE NOT r.treated AND r.before_sample
+        ), cap AS (
+            SELECT comparison_id,
+                   floor($max_ratio::DOUBLE * count(*) FILTER (WHERE treated AND before_sample))
+                       AS persons
+            FROM ranked GROUP BY comparison_id
+        )
+        SELECT r.*, r.treated OR NOT r.before_sample OR d.position <= k.persons AS sampled
+        FROM ranked r
+        LEFT JOIN drawn d ON NOT r.treated AND d.comparison_id = r.comparison_id
+                         AND d.person_id = r.person_id
+        LEFT JOIN cap k ON k.comparison_id = r.comparison_id""")
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE cf_cmp_entry AS
         WITH period AS (
@@ -236,29 +256,20 @@ def _comparison_rules(source: RecordSource, design: CohortDesign) -> None:
                    least(max(index_date) FILTER (WHERE treated),
                          max(index_date) FILTER (WHERE NOT treated)) AS period_end
             FROM cf_cmp_window WHERE {before_common} GROUP BY comparison_id
-        ), sized AS (
-            SELECT w.*,
-                   coalesce(w.index_date BETWEEN p.period_start AND p.period_end, false)
-                       AS in_common_period,
-                   coalesce(datediff('day', w.risk_start, w.risk_end) + 1, 0)
-                       AS days_at_risk
-            FROM cf_cmp_window w LEFT JOIN period p USING (comparison_id)
-        ), ranked AS (
-            SELECT sized.*, c.treatment AS key_treatment, c.comparator AS key_comparator,
+        ), ranked AS MATERIALIZED (
+            SELECT w.*, in_common_period, days_at_risk,
                    {before_common} AND ({"in_common_period" if design.common_period
                                          else "true"}) AND days_at_risk >= $min_days
                        AS before_sample
-            FROM sized JOIN cf_comparison c USING (comparison_id)
-        )
-        SELECT * EXCLUDE (key_treatment, key_comparator),
-               treated OR $max_ratio::DOUBLE IS NULL OR NOT before_sample
-               OR row_number() OVER (PARTITION BY comparison_id, treated, before_sample
-                                     ORDER BY {draw}, person_id)
-                  <= floor($max_ratio::DOUBLE * sum((treated AND before_sample)::INTEGER)
-                           OVER (PARTITION BY comparison_id)) AS sampled
-        FROM ranked
-    """, {"min_days": design.min_days_at_risk, "max_ratio": comparator.max_ratio,
-          "seed": comparator.seed})
+            FROM cf_cmp_window w LEFT JOIN period p USING (comparison_id),
+            LATERAL (SELECT coalesce(w.index_date BETWEEN p.period_start AND p.period_end,
+                                     false) AS in_common_period,
+                            coalesce(datediff('day', w.risk_start, w.risk_end) + 1, 0)
+                                AS days_at_risk)
+        ) {sample}
+    """, {"min_days": design.min_days_at_risk,
+          **({"max_ratio": comparator.max_ratio, "seed": comparator.seed}
+             if comparator.max_ratio is not None else {})})
     con.execute("DROP TABLE cf_cmp_window")
 
 

@@ -99,7 +99,7 @@ def ranked_candidates(
             SELECT r.study, r.outcome, r.estimator, r.rank, r.treatment, r.comparator,
                    r.hr, r.ci_low, r.ci_high, r.p_value, r.q_value, r.calibrated,
                    r.uncalibrated_hr, r.e_value, r.e_value_ci, r.n_treated, r.n_comparator,
-                   r.events_treated, r.events_comparator, r.run_id,
+                   r.events_treated, r.events_comparator, r.ps_note, r.run_id,
                    json_extract(u.config_json, '$.min_cell_count')::INTEGER AS min_cell_count
             FROM rankings r JOIN runs u USING (run_id)
             WHERE {" AND ".join(where)}

@@ -696,6 +696,8 @@ def _diagnostics(data: RunData, cid: int, labels: tuple[str, str], sid: str) -> 
             f"{num(first['ps_auc'], 3)}, max |SMD| before adjustment "
             f"{num(first['max_abs_smd_before'], 3)} over {esc(first['n_covariates'])} "
             "covariates.")
+    if merged.get("ps_note", pd.Series(dtype=object)).notna().any():
+        text += f" {esc(merged['ps_note'].dropna().iloc[0])}."
     controls = data.estimates[(data.estimates["comparison_id"] == cid)
                               & (data.estimates["role"] != "outcome")]
     failed = controls[controls["status"] != "ok"]

@@ -108,8 +108,9 @@ VIEWS = {
                e.n_treated, e.n_comparator, e.events_treated, e.events_comparator,
                e.treatment_concept_ids, e.comparator_concept_ids, e.outcome_concept_ids,
                e.treatment_codes, e.treatment_names, e.treatment_atc, e.outcome_codes,
-               e.outcome_names
+               e.outcome_names, d.ps_note
         FROM estimates e JOIN runs r USING (run_id)
+        LEFT JOIN diagnostics d USING (run_id, comparison_id, outcome, estimator)
         WHERE e.rank IS NOT NULL""",
     "triangulation": TRIANGULATION_VIEW,
     # Every screened ingredient of every run, with what became of it (results.account).
