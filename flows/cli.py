@@ -265,8 +265,20 @@ def cmd_covariates(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     from results.store import query
 
-    _print_frame(query(Path(args.results), args.sql), args.format)
+    _print_frame(query(Path(args.results), args.sql, timeout_s=args.timeout,
+                       memory_limit=args.memory_limit), args.format)
     return 0
+
+
+def _positive_seconds(text: str) -> float:
+    """--timeout: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 86_400:
+        raise argparse.ArgumentTypeError(f"expected seconds between 0 and 86400, got {text!r}")
+    return value
 
 
 def _print_frame(frame: pd.DataFrame, output: str, float_format: Callable | None = None) -> None:
@@ -393,6 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("sql")
     query.add_argument("--results", type=Path, default=Path(DEFAULT_RESULTS))
     query.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    query.add_argument("--timeout", type=_positive_seconds, default=60.0,
+                       help="stop the query after this many seconds (default 60)")
+    query.add_argument("--memory-limit", default="2GB",
+                       help="DuckDB memory limit for the query (default 2GB)")
     query.add_argument("--verbose", action="store_true")
     query.set_defaults(func=cmd_query)
     return parser
