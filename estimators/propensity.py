@@ -114,8 +114,8 @@ def _check_arms(t: np.ndarray, minimum: int) -> tuple[int, int]:
             raise EstimationError(f"the {name} arm is empty")
         if count < minimum:
             raise EstimationError(
-                f"only {count} persons in the {name} arm (at least {minimum} are needed "
-                "to fit a propensity model)"
+                f"too few persons in the {name} arm (at least {minimum} are needed to fit "
+                "a propensity model)"  # the count itself lives in the masked n_ columns
             )
     return n1, n0
 

@@ -60,8 +60,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run(study_file: str, args: argparse.Namespace) -> dict:
     from flows.pipeline import preflight
     from flows.runners import resolve_execution
+    from results.store import check_store
 
     study = load_study(study_file)
+    check_store(args.results)
     try:
         execution = resolve_execution(study.config.execution, args.runner, args.workers,
                                       args.dask_address)

@@ -8,6 +8,7 @@ file lock instead of failing. Readers open the file read-only.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -138,6 +139,21 @@ def open_store(
         yield con
     finally:
         con.close()
+
+
+def check_store(path: str | Path) -> None:
+    """Refuse, before any work, a results path that is not and cannot become a result store:
+    a folder, FIFO or device, a file DuckDB cannot open, or a place nothing can be written."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_file():
+            raise StoreError(f"{path}: not a regular file (expected a DuckDB result store)")
+        with open_store(path, read_only=True):
+            return
+    parent = next((p for p in path.absolute().parents if p.exists()), Path("/"))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise StoreError(f"{path}: cannot create the result store ({parent} is not a writable "
+                         "folder)")
 
 
 def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:

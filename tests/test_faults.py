@@ -6,9 +6,11 @@ before it: the numbers of inputs tried are in README's Guarantees table.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import pytest
 from flows.cli import main
 from flows.config import MAX_STUDY_FILE_BYTES, StudyFileError, load_study
 from results.store import StoreError, open_store, query, write_run
+from tests.test_bad_inputs import cli_run as cli_run  # a fixture
 from tests.test_config import GOOD
 
 ROOT = Path(__file__).parents[1]
@@ -190,3 +193,185 @@ def test_open_store_read_only_gives_up_with_a_clear_line(store):
         holder.kill()
         holder.wait()
 
+
+
+# ---- 3. data problems found by validate, before a run -------------------------------------
+
+
+def _bad_page(folder: Path, table: str) -> None:
+    """Rewrite a table with snappy pages and overwrite bytes inside its first data page: the
+    footer still reads, the data does not."""
+    import pandas as pd
+
+    frame = pd.read_parquet(folder / f"{table}.parquet")
+    frame.to_parquet(folder / f"{table}.parquet", compression="snappy", index=False)
+    data = bytearray((folder / f"{table}.parquet").read_bytes())
+    data[60:300] = b"\xab" * 240
+    (folder / f"{table}.parquet").write_bytes(bytes(data))
+
+
+def _validate(capsys, study: Path) -> tuple[int, str]:
+    code = main(["validate", str(study)])
+    return code, capsys.readouterr().err
+
+
+def test_validate_finds_what_the_run_would(tmp_path, capsys):
+    import pandas as pd
+
+    from tests.test_bad_inputs import setup_study
+
+    study = setup_study(tmp_path)
+    cdm = tmp_path / "cdm"
+    era = pd.read_parquet(cdm / "drug_era.parquet")
+    era.iloc[:0].to_parquet(cdm / "drug_era.parquet", index=False)
+    code, err = _validate(capsys, study)
+    assert code == 2 and "table drug_era has no rows" in err and err.count("\n") == 1
+    era.assign(drug_era_start_date=None).to_parquet(cdm / "drug_era.parquet", index=False)
+    code, err = _validate(capsys, study)
+    assert code == 2 and "table drug_era has no rows with a drug_era_start_date" in err
+    era.to_parquet(cdm / "drug_era.parquet", index=False)
+    _bad_page(cdm, "drug_era")
+    code, err = _validate(capsys, study)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "drug_era.parquet: table drug_era cannot be read" in err
+
+
+def test_tables_the_study_does_not_need_never_block_it(tmp_path, capsys):
+    from tests.test_bad_inputs import setup_study
+
+    study = setup_study(tmp_path)
+    (tmp_path / "cdm" / "procedure_occurrence.parquet").write_bytes(b"")
+    assert _validate(capsys, study)[0] == 0
+    (tmp_path / "cdm" / "drug_era.parquet").write_bytes(b"")
+    code, err = _validate(capsys, study)
+    assert code == 2 and "drug_era.parquet: not a readable Parquet file" in err
+
+
+def test_two_files_for_one_table_are_refused(tmp_path, capsys):
+    from tests.test_bad_inputs import setup_study
+
+    study = setup_study(tmp_path)
+    (tmp_path / "cdm" / "PERSON.parquet").write_bytes(
+        (tmp_path / "cdm" / "person.parquet").read_bytes())
+    code, err = _validate(capsys, study)
+    assert code == 2 and "both PERSON.parquet and person.parquet would be table person" in err
+
+
+@pytest.mark.parametrize("where", ["source", "atlas"])
+def test_fifos_are_refused_not_read(tmp_path, where):
+    from tests.test_bad_inputs import STUDY, setup_study
+
+    study = setup_study(tmp_path)
+    os.mkfifo(tmp_path / "pipe.duckdb")
+    text = (STUDY.replace("source: cdm", "source: pipe.duckdb") if where == "source" else
+            STUDY.replace("o: {include: [201]}", "o: {atlas: pipe.duckdb}"))
+    study.write_text(text)
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(study)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 2 and "not a regular file" in done.stderr, done.stderr
+
+
+def test_results_that_cannot_be_a_store_are_refused_before_any_work(tmp_path, capsys):
+    from tests.test_bad_inputs import setup_study
+
+    study = setup_study(tmp_path)
+    text = tmp_path / "notes.txt"
+    text.write_text("my notes\n" * 100)
+    data = tmp_path / "data"
+    for results in (text, tmp_path, text / "r.duckdb"):
+        assert main(["run", str(study), "--results", str(results), "--data-dir", str(data)]) == 2
+        err = capsys.readouterr().err
+        assert str(results) in err and err.count("\n") == 1, err
+    assert not data.exists()
+    assert text.read_text() == "my notes\n" * 100
+
+
+# ---- 1. no small count leaves the store, in any form --------------------------------------
+
+SMALL = 20  # the study's min_cell_count: the t2 arm (12 persons) and 3 odd persons are below
+
+
+def _small_cells(tables: dict) -> None:
+    """12 users of t2 (the rest never exposed), 3 persons born after their time zero (kept,
+    with a warning) and 2 observed for less than the 365 days before time zero required."""
+    from tests.tiny_cdm import d
+
+    t2_users = sorted(r[0] for r in tables["drug_era"] if r[1] == 103)
+    tables["drug_era"] = [r for r in tables["drug_era"] if r[1] != 103 or r[0] in t2_users[:12]]
+    tables["person"] = [(p, g, 2015 if p in (3, 6, 9) else y) for p, g, y in tables["person"]]
+    tables["observation_period"] = [(p, d("2011-12-15") if p in (12, 15) else s, e)
+                                    for p, s, e in tables["observation_period"]]
+
+
+def _shown_counts_are_safe(frame, columns: list[str]) -> None:
+    """Every count shown is 0, at least SMALL, missing, or masked."""
+    for column in columns:
+        for value in frame[column].dropna().astype(str):
+            value = value.removesuffix(".0")
+            assert value in ("0", f"<{SMALL}", f"<{SMALL} removed", "<NA>") or \
+                int(value) >= SMALL, (column, value)
+
+
+def _text_is_safe(texts) -> None:
+    from results.masking import mask_free_text
+
+    for text in texts:
+        if isinstance(text, str):
+            assert mask_free_text(text, SMALL) == text, text
+
+
+def test_small_cells_leave_in_no_form(tmp_path, capsys, cli_run):
+    import pandas as pd
+
+    from results.export import EXPORTS, PERSON_COUNTS
+    from tests.test_bad_inputs import STUDY, setup_study
+
+    study = setup_study(tmp_path, _small_cells, STUDY + f"min_cell_count: {SMALL}\n")
+    argv = [a for a in cli_run(study) if a != "--quiet"]
+    assert main(argv) == 0
+    terminal = capsys.readouterr().out
+    results = study.parent / "results.duckdb"
+    with open_store(results, read_only=True) as con:
+        (n_t2,) = con.execute("SELECT max(n_treated) FROM estimates WHERE treatment = 't2'"
+                              ).fetchone()
+        (warnings,) = con.execute("SELECT warnings FROM runs").fetchone()
+        (ess,) = con.execute("SELECT max(ess_treated) FROM diagnostics WHERE treatment = 't2'"
+                             ).fetchone()
+    assert n_t2 == 12 and ess is not None  # the store keeps exact figures
+    assert "<20 cohort member(s)" in warnings  # warnings are logged to Prefect as stored
+    _text_is_safe(__import__("json").loads(warnings))
+    _text_is_safe(line for line in terminal.splitlines() if line.lstrip().startswith("t2"))
+    assert "<20" in terminal
+    for what in EXPORTS:
+        for suffix in (".csv", ".json", ".parquet"):
+            out = tmp_path / f"{what}{suffix}"
+            assert main(["export", what, "--out", str(out), "--results", str(results)]) == 0
+            frame = {".parquet": pd.read_parquet, ".csv": pd.read_csv,
+                     ".json": pd.read_json}[suffix](out)
+            _shown_counts_are_safe(frame, [c for c in PERSON_COUNTS if c in frame])
+            for column in ("message", "reasons", "calibration_note", "description"):
+                _text_is_safe(frame.get(column, []))
+            if what == "diagnostics":
+                masked = frame["n_treated"].astype(str) == f"<{SMALL}"
+                assert masked.any() and frame.loc[masked, "ess_treated"].isna().all()
+            if what == "attrition":
+                _no_small_differences(frame)
+    capsys.readouterr()
+    assert main(["rank", "--results", str(results), "--format", "csv"]) == 0
+    import io
+    ranked = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    _shown_counts_are_safe(ranked, [c for c in PERSON_COUNTS if c in ranked])
+    from results.report import write_report
+
+    html = write_report(results, tmp_path / "report.html").read_text()
+    assert "&lt;20 cohort member(s)" in html and "3 cohort member" not in html
+    assert "<20 removed</td>" in html  # prior observation removed 2 persons: not shown
+
+
+def _no_small_differences(frame) -> None:
+    """Consecutive counts shown in an attrition table never differ by 1 to SMALL - 1."""
+    for _, steps in frame.groupby("comparison_id"):  # one outcome: its step comes last
+        for column in ("treated_persons", "comparator_persons"):
+            shown = [int(v) for v in steps.sort_values("step_index")[column].astype(str)
+                     .str.removesuffix(".0") if v.isdigit()]
+            assert all(not 0 < a - b < SMALL for a, b in pairwise(shown)), shown
