@@ -140,6 +140,26 @@ def check_ps(ps: np.ndarray, n: int, *, open_interval: bool) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+def content_order(X, t: np.ndarray) -> np.ndarray:
+    """Row indices sorted by a hash of each row's covariates and treatment: an order that does
+    not depend on how persons are numbered or listed (issue #16), so CV folds and subsamples
+    drawn in it give the same model when person ids are relabelled. Equal rows are
+    interchangeable, so their relative order does not matter."""
+    X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(X)
+    cells = _mix64(X.indices.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+                   ^ np.asarray(X.data, dtype=np.float64).view(np.uint64))
+    running = np.concatenate([np.zeros(1, np.uint64), np.cumsum(cells, dtype=np.uint64)])
+    rows = running[X.indptr[1:]] - running[X.indptr[:-1]]  # wraps: an order-free row sum
+    return np.argsort(_mix64(rows ^ t.astype(np.uint64)), kind="stable")
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: well-spread 64-bit hashes (uint64 arithmetic wraps)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
 def _stratified_subsample(
     t: np.ndarray, max_rows: int | None, rng: np.random.Generator
 ) -> np.ndarray | None:
@@ -257,6 +277,8 @@ def fit_propensity(
     _check_arms(t, max(MIN_PERSONS_PER_ARM, n_folds))
     if n_folds < 2:
         raise EstimationError(f"n_folds must be at least 2, got {n_folds}")
+    order = content_order(X, t)  # folds and subsamples drawn in it: ids do not matter
+    X, t = X[order], t[order]
     rng = np.random.default_rng(seed)
 
     # Cross-validation on a stratified subsample.
@@ -303,11 +325,12 @@ def fit_propensity(
         raise EstimationError(
             "propensity model separates the arms perfectly (AUC 1.00): no overlap to compare"
         )
-    ps = np.clip(expit(z), PS_EPS, 1.0 - PS_EPS)
+    ps = np.empty_like(z)
+    ps[order] = np.clip(expit(z), PS_EPS, 1.0 - PS_EPS)  # back in the caller's row order
     return PropensityFit(
         ps=ps, C=C, lambda_=lam,
         lambdas_tried=np.asarray(lambdas[: len(losses)]), cv_log_loss=np.asarray(losses),
-        auc=auc(ps, t), n_nonzero=int(np.count_nonzero(coef)), coef=coef, intercept=intercept,
+        auc=auc(ps[order], t), n_nonzero=int(np.count_nonzero(coef)), coef=coef, intercept=intercept,
         n_cv_rows=n_cv, n_fit_rows=int(tf.shape[0]),
     )
 

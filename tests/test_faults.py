@@ -13,6 +13,7 @@ import time
 from itertools import pairwise
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flows.cli import main
@@ -375,3 +376,45 @@ def _no_small_differences(frame) -> None:
             shown = [int(v) for v in steps.sort_values("step_index")[column].astype(str)
                      .str.removesuffix(".0") if v.isdigit()]
             assert all(not 0 < a - b < SMALL for a, b in pairwise(shown)), shown
+
+
+# ---- 5. results do not depend on how persons are numbered ---------------------------------
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "eunomia_gibleed").is_dir(),
+                    reason="GiBleed (shared team data) is absent")
+def test_relabelled_person_ids_give_identical_estimates_and_verdicts(tmp_path):
+    import duckdb
+
+    from tests.plain_run import run_study_plain
+    from tests.shared_data import GIBLEED
+
+    negated = tmp_path / "negated"
+    negated.mkdir()
+    with duckdb.connect() as con:
+        for file in sorted(GIBLEED.glob("*.parquet")):
+            columns = [c for (c,) in con.execute(
+                "SELECT name FROM parquet_schema(?) WHERE name <> 'schema'", [str(file)]
+            ).fetchall()]
+            select = "* REPLACE (-CAST(person_id AS BIGINT) AS person_id)" if "person_id" in columns else "*"
+            con.execute(f"COPY (SELECT {select} FROM read_parquet(?)) TO "
+                        f"'{negated / file.name}' (FORMAT parquet)", [str(file)])
+    verdicts = []
+    for name, source in (("original", GIBLEED), ("negated", negated)):
+        study = tmp_path / f"{name}.yaml"
+        study.write_text((ROOT / "configs" / "gibleed.yaml").read_text().replace(
+            "source: ../../shared/data/eunomia_gibleed", f"source: {source}"))
+        results = tmp_path / f"{name}.duckdb"
+        run_study_plain(study, results, tmp_path / f"data-{name}")
+        verdicts.append(query(results, """
+            SELECT e.estimator, e.n_treated, e.n_comparator, e.estimate, e.ci_low, e.ci_high,
+                   d.ps_c, d.ps_auc, d.max_abs_smd_after, d.passed, d.reasons
+            FROM estimates e JOIN diagnostics d USING (run_id, comparison_id, outcome, estimator)
+            WHERE e.role = 'outcome' ORDER BY e.estimator"""))
+    original, relabelled = verdicts
+    assert original["n_treated"].tolist() == [1800, 1800, 1800]
+    exact = ["estimator", "n_treated", "n_comparator", "ps_c", "passed", "reasons"]
+    assert original[exact].equals(relabelled[exact]), (original, relabelled)
+    figures = ["estimate", "ci_low", "ci_high", "ps_auc", "max_abs_smd_after"]
+    np.testing.assert_allclose(original[figures], relabelled[figures], rtol=1e-9)  # summation
