@@ -330,7 +330,8 @@ def fit_propensity(
     return PropensityFit(
         ps=ps, C=C, lambda_=lam,
         lambdas_tried=np.asarray(lambdas[: len(losses)]), cv_log_loss=np.asarray(losses),
-        auc=auc(ps[order], t), n_nonzero=int(np.count_nonzero(coef)), coef=coef, intercept=intercept,
+        auc=auc(ps[order], t), n_nonzero=int(np.count_nonzero(coef)), coef=coef,
+        intercept=intercept,
         n_cv_rows=n_cv, n_fit_rows=int(tf.shape[0]),
     )
 

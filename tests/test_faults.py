@@ -397,7 +397,8 @@ def test_relabelled_person_ids_give_identical_estimates_and_verdicts(tmp_path):
             columns = [c for (c,) in con.execute(
                 "SELECT name FROM parquet_schema(?) WHERE name <> 'schema'", [str(file)]
             ).fetchall()]
-            select = "* REPLACE (-CAST(person_id AS BIGINT) AS person_id)" if "person_id" in columns else "*"
+            select = ("* REPLACE (-CAST(person_id AS BIGINT) AS person_id)"
+                      if "person_id" in columns else "*")
             con.execute(f"COPY (SELECT {select} FROM read_parquet(?)) TO "
                         f"'{negated / file.name}' (FORMAT parquet)", [str(file)])
     verdicts = []
