@@ -419,3 +419,107 @@ def test_relabelled_person_ids_give_identical_estimates_and_verdicts(tmp_path):
     assert original[exact].equals(relabelled[exact]), (original, relabelled)
     figures = ["estimate", "ci_low", "ci_high", "ps_auc", "max_abs_smd_after"]
     np.testing.assert_allclose(original[figures], relabelled[figures], rtol=1e-9)  # summation
+
+
+# ---- 4. nothing left running -------------------------------------------------------------
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> child pids, from /proc."""
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        tree.setdefault(parent, []).append(int(entry.name))
+    return tree
+
+
+def _descendants(pid: int) -> set[int]:
+    tree, found, todo = _children(), set(), [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _alive(pids: set[int]) -> set[int]:
+    return {p for p in pids if (Path("/proc") / str(p)).exists()
+            and b"(Z)" not in (Path("/proc") / str(p) / "stat").read_bytes()[:80]}
+
+
+@pytest.mark.slow
+def test_a_killed_run_leaves_no_process_behind(tmp_path):
+    import signal
+
+    from tests.test_bad_inputs import setup_study
+
+    study = setup_study(tmp_path)
+    cli = Path(sys.executable).with_name("cohortflow")
+    run = subprocess.Popen([str(cli), "run", str(study), "--quiet", "--results",
+                            str(tmp_path / "r.duckdb"), "--data-dir", str(tmp_path / "data")],
+                           cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while not any(b"uvicorn" in _cmdline(p) for p in _descendants(run.pid)):
+        assert run.poll() is None, "the run ended before Prefect's temporary server started"
+        assert time.monotonic() < deadline, "Prefect's temporary server never started"
+        time.sleep(0.1)
+    started = _descendants(run.pid)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    deadline = time.monotonic() + 60  # SIGTERM, then SIGKILL after 5 s
+    while _alive(started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(started), [_cmdline(p) for p in _alive(started)]
+
+
+def test_clean_removes_finished_and_abandoned_workspaces_and_stale_locks(tmp_path, capsys):
+    import fcntl
+
+    from tests.plain_run import run_study_plain
+    from tests.test_bad_inputs import setup_study
+
+    study, data, results = setup_study(tmp_path), tmp_path / "data", tmp_path / "r.duckdb"
+    run = run_study_plain(study, results, data)
+    root = data / "workspace"
+    finished = root / run["run_id"]
+    assert (finished / "cohort.parquet").exists() or any(finished.rglob("*.parquet"))
+    abandoned, recent, busy = (root / name for name in ("old-run", "new-run", "busy-run"))
+    for folder in (abandoned, recent, busy):
+        (folder / "analysis").mkdir(parents=True)
+        (folder / "analysis" / "persons.parquet").write_bytes(b"person ids")
+    old = time.time() - 30 * 86_400
+    for path in (abandoned, abandoned / "analysis", abandoned / "analysis" / "persons.parquet",
+                 busy, busy / "analysis", busy / "analysis" / "persons.parquet"):
+        os.utime(path, (old, old))
+    (root / "gone-run.lock").write_text("")
+    report = data / "reports" / "r.html"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("<html>")
+    os.utime(report, (old, old))
+    argv = ["clean", "--data-dir", str(data), "--results", str(results),
+            "--reports-older-than", "10"]
+    with open(root / "busy-run.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a run in progress
+        assert main([*argv, "--dry-run"]) == 0
+        assert finished.exists() and abandoned.exists() and report.exists()
+        assert "would remove (dry run): workspaces of completed runs: 1" in capsys.readouterr().out
+        assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert ("workspaces of completed runs: 1; workspaces of abandoned runs: 1; stale lock "
+            "files: 1; old reports: 1; skipped (a run holds its lock): 1") in out
+    assert not finished.exists() and not abandoned.exists() and not report.exists()
+    assert recent.exists() and busy.exists() and not (root / "gone-run.lock").exists()
+    assert query(results, "SELECT count(*) AS n FROM runs")["n"][0] == 1
