@@ -523,3 +523,12 @@ def test_clean_removes_finished_and_abandoned_workspaces_and_stale_locks(tmp_pat
     assert not finished.exists() and not abandoned.exists() and not report.exists()
     assert recent.exists() and busy.exists() and not (root / "gone-run.lock").exists()
     assert query(results, "SELECT count(*) AS n FROM runs")["n"][0] == 1
+
+
+def test_a_min_cell_count_below_five_is_warned_about(tmp_path):
+    from tests.plain_run import run_study_plain
+    from tests.test_bad_inputs import STUDY, setup_study
+
+    study = setup_study(tmp_path, study=STUDY + "min_cell_count: 3\n")
+    run = run_study_plain(study, tmp_path / "r.duckdb", tmp_path / "data")
+    assert run["warnings"][0].startswith("min_cell_count is 3: counts from 3 persons up")
