@@ -165,13 +165,19 @@ def test_query_has_a_time_and_a_memory_limit(store, capsys):
         main(["query", "SELECT 1", "--results", str(store), "--timeout", "-3"])
 
 
-def test_query_waits_for_a_writer_instead_of_failing(store):
+def _hold_store(store: Path, seconds: float) -> subprocess.Popen:
+    """A process that opens the store for writing (DuckDB's file lock) for `seconds`."""
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import duckdb, time, sys; c = duckdb.connect(sys.argv[1]); print('held', flush=True);"
-         " time.sleep(2); c.close()", str(store)], stdout=subprocess.PIPE, text=True)
+         f" time.sleep({seconds}); c.close()", str(store)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_query_waits_for_a_writer_instead_of_failing(store):
+    holder = _hold_store(store, 2)
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(Exception, match="lock"):  # what README used to recommend
             import duckdb
             duckdb.connect(str(store), read_only=True)
@@ -181,12 +187,8 @@ def test_query_waits_for_a_writer_instead_of_failing(store):
 
 
 def test_open_store_read_only_gives_up_with_a_clear_line(store):
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import duckdb, time, sys; c = duckdb.connect(sys.argv[1]); print('held', flush=True);"
-         " time.sleep(5)", str(store)], stdout=subprocess.PIPE, text=True)
+    holder = _hold_store(store, 5)
     try:
-        holder.stdout.readline()
         with pytest.raises(StoreError, match="cannot open"), \
                 open_store(store, read_only=True, wait_seconds=0.3):
             pass
