@@ -144,13 +144,25 @@ def content_order(X, t: np.ndarray) -> np.ndarray:
     """Row indices sorted by a hash of each row's covariates and treatment: an order that does
     not depend on how persons are numbered or listed (issue #16), so CV folds and subsamples
     drawn in it give the same model when person ids are relabelled. Equal rows are
-    interchangeable, so their relative order does not matter."""
+    interchangeable, so their relative order does not matter; columns constant over the rows
+    are left out, so adding one changes nothing."""
     X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(X)
+    values = np.asarray(X.data, dtype=np.float64)
     cells = _mix64(X.indices.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-                   ^ np.asarray(X.data, dtype=np.float64).view(np.uint64))
+                   ^ values.view(np.uint64))
+    cells[_constant_columns(X, values)[X.indices]] = 0  # they tell no row from another
     running = np.concatenate([np.zeros(1, np.uint64), np.cumsum(cells, dtype=np.uint64)])
     rows = running[X.indptr[1:]] - running[X.indptr[:-1]]  # wraps: an order-free row sum
     return np.argsort(_mix64(rows ^ t.astype(np.uint64)), kind="stable")
+
+
+def _constant_columns(X: sp.csr_matrix, values: np.ndarray) -> np.ndarray:
+    """Per column: True when every row holds the same non-zero value (recorded for everyone)."""
+    n, cols = X.shape
+    count = np.bincount(X.indices, minlength=cols)
+    total = np.bincount(X.indices, weights=values, minlength=cols)
+    squares = np.bincount(X.indices, weights=values * values, minlength=cols)
+    return (count == n) & np.isclose(squares * n, total * total)
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:
