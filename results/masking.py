@@ -22,8 +22,9 @@ import pandas as pd
 
 CURVE_KEYS = ["comparison_id", "outcome", "arm"]
 # A whole number standing alone: not part of a word, an identifier (outcome_1), a decimal
-# (0.25), a negative day (-1), a ratio (1:1) or a date (2020-01-05).
-WHOLE_NUMBER = re.compile(r"(?<![\w.\-:/])(\d{1,3}(?:,\d{3})+|\d+)(?![\w.:/]|-\d)")
+# (0.25), a negative day (-1), a ratio (1:1) or a date (2020-01-05), nor a comparison's id.
+WHOLE_NUMBER = re.compile(r"(?<![\w.\-:/])(?<!comparison )(?<!comparison_id )"
+                          r"(\d{1,3}(?:,\d{3})+|\d+)(?![\w.:/]|-\d)")
 # Figures computed from an arm's persons, hidden when that arm's count is masked.
 ARM_FIGURES = {"n_treated": ("ess_treated", "person_days_treated"),
                "n_comparator": ("ess_comparator", "person_days_comparator")}

@@ -534,3 +534,17 @@ def test_a_min_cell_count_below_five_is_warned_about(tmp_path):
     study = setup_study(tmp_path, study=STUDY + "min_cell_count: 3\n")
     run = run_study_plain(study, tmp_path / "r.duckdb", tmp_path / "data")
     assert run["warnings"][0].startswith("min_cell_count is 3: counts from 3 persons up")
+
+
+@pytest.mark.parametrize(("text", "masked"), [
+    ("only 3 persons in the treated arm", "only <5 persons in the treated arm"),
+    ("person: 3 cohort member(s) with time zero", "person: <5 cohort member(s) with time zero"),
+    ("1,800 and 4; 2 of 3", "1,800 and <5; <5 of <5"),
+    ("comparison 2 (t vs c) failed", "comparison 2 (t vs c) failed"),  # an id, not a count
+    ("window [-30, -1], outcome_1, 0.079, 1:1, 2020-01-05", "window [-30, -1], outcome_1, "
+                                                           "0.079, 1:1, 2020-01-05"),
+])
+def test_free_text_masks_every_small_whole_number(text, masked):
+    from results.masking import mask_free_text
+
+    assert mask_free_text(text, 5) == masked
