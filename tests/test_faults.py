@@ -548,3 +548,26 @@ def test_free_text_masks_every_small_whole_number(text, masked):
     from results.masking import mask_free_text
 
     assert mask_free_text(text, 5) == masked
+
+
+def test_prefect_artifacts_of_a_small_cell_run_hold_no_small_count(tmp_path, monkeypatch):
+    import json
+
+    import flows.run_study as run_study
+    from tests.plain_run import run_study_plain
+    from tests.test_bad_inputs import STUDY, setup_study
+
+    study = setup_study(tmp_path, _small_cells, STUDY + f"min_cell_count: {SMALL}\n"
+                        "estimators: [crude]\ndiagnostics: {max_smd: 100, min_equipoise: 0, "
+                        "max_mdrr: 1000, max_ease: 100}\n")  # ranked: the table has rows
+    run = run_study_plain(study, tmp_path / "r.duckdb", tmp_path / "data")
+    published: list = []
+    monkeypatch.setattr(run_study, "create_markdown_artifact",
+                        lambda markdown, **_: published.append(markdown))
+    monkeypatch.setattr(run_study, "create_table_artifact",
+                        lambda table, **_: published.append(table))
+    run_study._publish_artifacts(run, tmp_path / "r.duckdb")
+    markdown, table = published
+    _text_is_safe(line for line in markdown.splitlines() if line.startswith("- "))  # failures
+    rows = [row for row in table if row.get("treatment") == "t2"]
+    assert rows and all(row["n_treated"] == f"<{SMALL}" for row in rows), json.dumps(table)
