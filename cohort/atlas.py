@@ -34,6 +34,8 @@ def read_atlas_concept_set(path: Path) -> tuple[ConceptItem, ...]:
     no items, an item without an integer CONCEPT_ID, a flag that is not true/false).
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO or a device would hang or never end
+        raise ValueError(f"{path}: not a regular file (expected an ATLAS concept-set file)")
     try:
         text = path.read_text(encoding="utf-8-sig")  # ATLAS downloads on Windows may carry a BOM
     except (OSError, UnicodeDecodeError) as exc:

@@ -246,6 +246,7 @@ def data_warnings(source: RecordSource, design: CohortDesign) -> list[str]:
         ("person", "count(person_id) - count(DISTINCT person_id)", "duplicate person_id "
          "row(s) (the lowest year_of_birth and gender_concept_id are used)"),
     ]
+    checks += _null_checks(source, design)
     warnings = []
     for table, count, consequence in checks:  # constant SQL only
         found = scalar(source.con, f"SELECT {count} FROM {table}")
@@ -264,6 +265,25 @@ def data_warnings(source: RecordSource, design: CohortDesign) -> list[str]:
                         "(overlapping or abutting periods are combined into one stretch of "
                         "observation)")
     return warnings
+
+
+def _null_checks(source: RecordSource, design: CohortDesign) -> list[tuple[str, str, str]]:
+    """(table, count, consequence) for NULLs the cohort rules skip or work around: person_id in
+    every table the study reads, the exposure's end date, year_of_birth."""
+    exposure, _, _, end = EXPOSURE_COLUMNS[design.exposure_table]
+    ending = ("its end from days_supply, else a one-day exposure"
+              if design.exposure_table == "drug_exposure" else "counted as one-day exposures")
+    checks = [(table, "count(*) FILTER (WHERE person_id IS NULL)",
+               "row(s) without person_id (ignored)")
+              for table in sorted(source_requirements(source, design))
+              if "person_id" in source.tables.get(table, [])]
+    return [
+        *checks,
+        (exposure, f"count(*) FILTER (WHERE {end} IS NULL)", f"row(s) without {end} ({ending})"),
+        ("person", "count(*) FILTER (WHERE year_of_birth IS NULL AND person_id IS NOT NULL)",
+         "row(s) without year_of_birth (such persons fail any age criterion and get no age "
+         "covariate)"),
+    ]
 
 
 def _check_cohorts(source: RecordSource, attrition: pd.DataFrame) -> None:

@@ -76,6 +76,7 @@ class RecordSource:
     tables: dict[str, list[str]] = field(default_factory=dict)  # table -> column names
     types: dict[str, dict[str, str]] = field(default_factory=dict)  # table -> column -> type
     files: dict[str, Path] = field(default_factory=dict)
+    unreadable: dict[str, str] = field(default_factory=dict)  # table -> why (blocks if needed)
 
     @property
     def cdm_version(self) -> str:
@@ -94,6 +95,9 @@ class RecordSource:
         """Raise SourceError listing every missing table and column among `needs`."""
         problems = []
         for table, columns in needs.items():
+            if table in self.unreadable:
+                problems.append(self.unreadable[table])
+                continue
             if table not in self.tables:
                 problems.append(f"table {table} is missing")
                 continue
@@ -138,6 +142,8 @@ def open_source(
     path = Path(path)
     if not path.exists():
         raise SourceError(f"{path}: no such file or folder (expected an OMOP CDM)")
+    if not (path.is_dir() or path.is_file()):  # a FIFO or a device would hang or never end
+        raise SourceError(f"{path}: not a regular file or folder (expected an OMOP CDM)")
     con = duckdb.connect()
     for setting, value in (("memory_limit", memory_limit), ("threads", threads),
                            ("temp_directory", temp_directory)):
@@ -155,19 +161,49 @@ def open_source(
         )
     if "person" not in source.tables:
         con.close()
-        raise SourceError(f"{path}: no person table found; is this an OMOP CDM?")
+        raise SourceError(source.unreadable.get("person")
+                          or f"{path}: no person table found; is this an OMOP CDM?")
     return source
 
 
+def scan_tables(source: RecordSource, needs: dict[str, tuple[str, ...]]) -> None:
+    """Read every needed column of every needed table once, so that a damaged data page is
+    found before a run (naming its file) rather than in the middle of one."""
+    for table, columns in needs.items():  # names come from REQUIRED_COLUMNS / `require`
+        listed = ", ".join(f'bit_xor(hash("{c}"))'  # decodes every page (count() may not)
+                           for c in columns if c in source.tables.get(table, []))
+        if not listed:
+            continue
+        try:
+            source.con.execute(f'SELECT {listed} FROM "{table}"').fetchall()
+        except duckdb.Error as exc:
+            where = source.files.get(table, source.path)
+            raise SourceError(f"{where}: table {table} cannot be read (a damaged file?): "
+                              f"{str(exc).splitlines()[0]}") from None
+
+
 def _attach_parquet_folder(source: RecordSource) -> None:
+    """One view per <table>.parquet; a file that cannot be opened blocks only a study that
+    needs its table (see `require`); two files for one table are refused."""
+    files: dict[str, Path] = {}
     for file in sorted(source.path.glob("*.parquet")):
         table = file.stem.lower()
         if not table.replace("_", "").isalnum():
             continue
+        if table in files:
+            raise SourceError(f"{source.path}: both {files[table].name} and {file.name} would be "
+                              f"table {table}; remove one")
+        files[table] = file
+    for table, file in files.items():
+        if not file.is_file():
+            source.unreadable[table] = f"{file}: not a regular file"
+            continue
         try:
             _create_view(source, table, source.con.read_parquet(str(file)))
         except duckdb.Error as exc:
-            raise SourceError(f"{file}: not a readable Parquet file ({exc})") from None
+            reason = str(exc).splitlines()[0]
+            source.unreadable[table] = f"{file}: not a readable Parquet file ({reason})"
+            continue
         source.files[table] = file
 
 

@@ -48,7 +48,7 @@ def crossfit_folds(t: np.ndarray, n_folds: int, seed: int) -> list[Fold]:
     smaller = int(min(t.sum(), t.shape[0] - t.sum()))
     if smaller < n_folds:
         raise EstimationError(
-            f"only {smaller} persons in the smaller arm: too few for {n_folds}-fold cross-fitting"
+            f"too few persons in the smaller arm for {n_folds}-fold cross-fitting"
         )
     splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     return list(splitter.split(np.zeros((t.shape[0], 1)), t))

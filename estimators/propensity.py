@@ -125,8 +125,8 @@ def _check_arms(t: np.ndarray, minimum: int) -> tuple[int, int]:
             raise EstimationError(f"the {name} arm is empty")
         if count < minimum:
             raise EstimationError(
-                f"only {count} persons in the {name} arm (at least {minimum} are needed "
-                "to fit a propensity model)"
+                f"too few persons in the {name} arm (at least {minimum} are needed to fit "
+                "a propensity model)"  # the count itself lives in the masked n_ columns
             )
     return n1, n0
 
@@ -149,6 +149,38 @@ def check_ps(ps: np.ndarray, n: int, *, open_interval: bool) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Fitting
 # --------------------------------------------------------------------------------------------
+
+
+def content_order(X, t: np.ndarray) -> np.ndarray:
+    """Row indices sorted by a hash of each row's covariates and treatment: an order that does
+    not depend on how persons are numbered or listed (issue #16), so CV folds and subsamples
+    drawn in it give the same model when person ids are relabelled. Equal rows are
+    interchangeable, so their relative order does not matter; columns constant over the rows
+    are left out, so adding one changes nothing."""
+    X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(X)
+    values = np.asarray(X.data, dtype=np.float64)
+    cells = _mix64(X.indices.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+                   ^ values.view(np.uint64))
+    cells[_constant_columns(X, values)[X.indices]] = 0  # they tell no row from another
+    running = np.concatenate([np.zeros(1, np.uint64), np.cumsum(cells, dtype=np.uint64)])
+    rows = running[X.indptr[1:]] - running[X.indptr[:-1]]  # wraps: an order-free row sum
+    return np.argsort(_mix64(rows ^ t.astype(np.uint64)), kind="stable")
+
+
+def _constant_columns(X: sp.csr_matrix, values: np.ndarray) -> np.ndarray:
+    """Per column: True when every row holds the same non-zero value (recorded for everyone)."""
+    n, cols = X.shape
+    count = np.bincount(X.indices, minlength=cols)
+    total = np.bincount(X.indices, weights=values, minlength=cols)
+    squares = np.bincount(X.indices, weights=values * values, minlength=cols)
+    return (count == n) & np.isclose(squares * n, total * total)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: well-spread 64-bit hashes (uint64 arithmetic wraps)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 def _stratified_subsample(
@@ -270,6 +302,20 @@ def fit_propensity(
     _check_arms(t, max(MIN_PERSONS_PER_ARM, n_folds))
     if n_folds < 2:
         raise EstimationError(f"n_folds must be at least 2, got {n_folds}")
+    order = content_order(X, t)  # folds and subsamples drawn in it: ids do not matter
+    fit = _fit_in_content_order(X[order], t[order], seed=seed, n_folds=n_folds,
+                                max_cv_rows=max_cv_rows, max_fit_rows=max_fit_rows, grid=grid,
+                                selection=selection)
+    ps = np.empty_like(fit.ps)
+    ps[order] = fit.ps  # back in the caller's row order
+    return replace(fit, ps=ps)
+
+
+def _fit_in_content_order(X, t: np.ndarray, *, seed: int, n_folds: int,
+                          max_cv_rows: int | None, max_fit_rows: int | None,
+                          grid: Sequence[float] | None, selection: Selection) -> PropensityFit:
+    """fit_propensity on rows already in content order (so fold and subsample draws depend on
+    the data, not on how persons are numbered)."""
     rng = np.random.default_rng(seed)
     if selection == "balance":
         return fit_by_balance(X, t, seed=seed, max_fit_rows=max_fit_rows, grid=grid, rng=rng)

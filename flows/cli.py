@@ -86,8 +86,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run(study_file: str, args: argparse.Namespace) -> dict:
     from flows.pipeline import preflight
     from flows.runners import resolve_execution
+    from results.store import check_store
 
     study = load_study(study_file)
+    check_store(args.results)
     try:
         execution = resolve_execution(study.config.execution, args.runner, args.workers,
                                       args.dask_address)
@@ -339,11 +341,40 @@ def cmd_covariates(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_clean(args: argparse.Namespace) -> int:
+    from flows.housekeeping import clean
+
+    done = clean(args.data_dir, args.results, older_than_days=args.older_than,
+                 reports_older_than_days=args.reports_older_than, dry_run=args.dry_run)
+    print(("would remove (dry run): " if args.dry_run else "removed: ")
+          + "; ".join(done.lines()))
+    return 0
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     from results.store import query
 
-    _print_frame(query(Path(args.results), args.sql), args.format)
+    _print_frame(query(Path(args.results), args.sql, timeout_s=args.timeout,
+                       memory_limit=args.memory_limit), args.format)
     return 0
+
+
+def _bounded(low: float, high: float, what: str,
+             with_low: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number with low < value < high (or value == low, with_low)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (low < value < high or (with_low and value == low)):
+            raise argparse.ArgumentTypeError(f"expected {what} below {high:g}, got {text!r}")
+        return value
+    return parse
+
+
+_positive_seconds = _bounded(0, 86_400, "a positive number of seconds")
+_days = _bounded(0, 100_000, "a number of days", with_low=True)
 
 
 def _print_frame(frame: pd.DataFrame, output: str, float_format: Callable | None = None) -> None:
@@ -483,17 +514,41 @@ def build_parser() -> argparse.ArgumentParser:
     covariates.add_argument("--verbose", action="store_true")
     covariates.set_defaults(func=cmd_covariates)
 
+    tidy = sub.add_parser("clean", help="remove workspaces of completed or abandoned runs, "
+                                        "stale locks and (optionally) old reports")
+    tidy.add_argument("--data-dir", type=Path, default=Path("data"))
+    tidy.add_argument("--results", type=Path, default=Path(DEFAULT_RESULTS))
+    tidy.add_argument("--older-than", type=_days, default=7.0,
+                      help="days after which an unfinished run's workspace counts as "
+                           "abandoned (default 7)")
+    tidy.add_argument("--reports-older-than", type=_days, default=None,
+                      help="also remove reports older than this many days")
+    tidy.add_argument("--dry-run", action="store_true", help="list, remove nothing")
+    tidy.add_argument("--verbose", action="store_true")
+    tidy.set_defaults(func=cmd_clean)
+
     query = sub.add_parser("query", help="read-only SQL over the result store")
     query.add_argument("sql")
     query.add_argument("--results", type=Path, default=Path(DEFAULT_RESULTS))
     query.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    query.add_argument("--timeout", type=_positive_seconds, default=60.0,
+                       help="stop the query after this many seconds (default 60)")
+    query.add_argument("--memory-limit", default="2GB",
+                       help="DuckDB memory limit for the query (default 2GB)")
     query.add_argument("--verbose", action="store_true")
     query.set_defaults(func=cmd_query)
     return parser
 
 
+GUARDED_COMMANDS = ("run", "demo", "serve", "report")  # the ones that start processes
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and sys.argv[1:2] and sys.argv[1] in GUARDED_COMMANDS:
+        from flows.guardian import guard_children
+
+        guard_children()  # what it starts dies with it, even on SIGKILL
     try:
         return args.func(args)
     except INPUT_ERRORS as exc:

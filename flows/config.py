@@ -58,7 +58,8 @@ def not_supported(what: str) -> ValueError:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # allow_inf_nan=False: `.inf` or `.nan` would switch a gate or a bound off silently
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
 
 
 def _no_bool(value: Any) -> Any:
@@ -76,7 +77,8 @@ ConceptId = Annotated[int, BeforeValidator(_no_bool), Field(gt=0, le=MAX_CONCEPT
 def _no_control_characters(value: str) -> str:
     """A path with a newline, tab or NUL cannot be a CDM and would break one-line messages."""
     if any(ord(char) < 32 or ord(char) == 127 for char in value):
-        raise ValueError(f"contains a control character (newline, tab, NUL...): {value!r}")
+        raise ValueError(f"contains a control character (newline, tab, NUL...): "
+                         f"{_short_repr(value)}")
     return value
 
 
@@ -372,6 +374,17 @@ class PositiveControls(_Strict):
         default_factory=lambda: [1.5, 2.0, 4.0], min_length=1)
 
 
+MIN_MEMORY_BYTES, MAX_MEMORY_BYTES = 100 * 10**6, 1000 * 10**12
+MEMORY_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def memory_bytes(value: str) -> float:
+    """Bytes of a DuckDB memory limit such as "6GB" or "512 MiB" (the pattern is checked)."""
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B)", value).groups()
+    return float(number) * MEMORY_UNITS[unit]
+
+
 class Execution(_Strict):
     """Where the comparison tasks run (the command line overrides it); not part of the run id."""
 
@@ -384,6 +397,14 @@ class Execution(_Strict):
     threads: int | None = Field(None, ge=1, le=1024)
     temp_directory: Annotated[str, Field(min_length=1), AfterValidator(_no_control_characters)
                               ] | None = None
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory(cls, value: str | None) -> str | None:
+        """DuckDB refuses (mid-run) or cannot work within limits outside this range."""
+        if value is not None and not MIN_MEMORY_BYTES <= memory_bytes(value) <= MAX_MEMORY_BYTES:
+            raise ValueError(f"expected a memory limit between 100MB and 1000TB, got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Execution:
@@ -404,7 +425,7 @@ class StudyConfig(_Strict):
     """A validated study file."""
 
     study: str
-    description: str = ""
+    description: str = Field("", max_length=10_000)
     source: Annotated[str, Field(min_length=1), AfterValidator(_no_control_characters)]
     concept_sets: dict[str, ConceptSet]
     exposure_table: Literal["drug_era", "drug_exposure"] = "drug_era"
@@ -421,7 +442,8 @@ class StudyConfig(_Strict):
     horizon_days: int | None = None
     diagnostics: Diagnostics = Field(default_factory=Diagnostics)
     propensity: Propensity = Field(default_factory=Propensity)
-    min_cell_count: int = Field(5, ge=0, le=1000)
+    # strict: YAML's true would otherwise become 1; 0 would mask nothing
+    min_cell_count: int = Field(5, ge=1, le=1000, strict=True)
     schedule: str | None = None
     execution: Execution | None = None
 
@@ -482,7 +504,7 @@ class StudyConfig(_Strict):
                     0 < item <= MAX_CONCEPT_ID):
                 raise ValueError(
                     f"expected concept-set names or concept ids (positive integers), got "
-                    f"{item!r}"
+                    f"{_short_repr(item)}"
                 )
         return value
 
@@ -692,22 +714,8 @@ def load_study(path: str | Path) -> LoadedStudy:
     """Read, parse and validate a study file; raise StudyFileError with one clear line."""
     path = Path(path)
     if not path.is_file():
-        raise StudyFileError(f"{path}: no such study file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise StudyFileError(f"{path}: cannot read the file ({exc})") from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise StudyFileError(f"{path}{where}: not valid YAML: {problem}") from None
-    except RecursionError:
-        raise StudyFileError(f"{path}: not valid YAML: nested too deeply") from None
-    _check_duplicate_keys(path, root)
+        raise StudyFileError(f"{path}: no such study file (or not a regular file)")
+    root, data = _parse_yaml(path)
     if not isinstance(data, dict):
         raise StudyFileError(f"{path}: expected a mapping of study keys at the top level")
     try:
@@ -733,6 +741,70 @@ def load_study(path: str | Path) -> LoadedStudy:
             line = _line_of(root, ["concept_sets", name, "atlas"])
             raise StudyFileError(f"{path}:{line}: concept_sets.{name}.atlas: {exc}") from None
     return LoadedStudy(path=path, config=config, source_path=source, atlas=atlas)
+
+
+# A study file is hand-written: these bounds are far above any real one and keep a hostile file
+# (YAML aliases expanding to billions of nodes, a 50 MB description) cheap to refuse.
+MAX_STUDY_FILE_BYTES = 1_000_000
+MAX_YAML_NODES = 100_000  # scalars, lists and mappings after expanding aliases
+
+
+def _parse_yaml(path: Path) -> tuple[yaml.Node | None, Any]:
+    """Read and parse the file once: its node tree (for line numbers) and its data, refusing
+    oversized files and aliases that expand beyond MAX_YAML_NODES before building anything."""
+    if path.stat().st_size > MAX_STUDY_FILE_BYTES:
+        raise StudyFileError(f"{path}: {path.stat().st_size:,} bytes; a study file may have at "
+                             f"most {MAX_STUDY_FILE_BYTES:,}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StudyFileError(f"{path}: cannot read the file ({exc})") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        _check_expanded_size(path, root)
+        _check_duplicate_keys(path, root)
+        data = loader.construct_document(root) if root is not None else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise StudyFileError(f"{path}{where}: not valid YAML: {problem}") from None
+    except RecursionError:
+        raise StudyFileError(f"{path}: not valid YAML: nested too deeply") from None
+    finally:
+        loader.dispose()
+    return root, data
+
+
+def _check_expanded_size(path: Path, root: yaml.Node | None) -> None:
+    """Refuse a document whose aliases expand beyond MAX_YAML_NODES ("billion laughs") or
+    refer to themselves; each node is sized once, so the check itself stays cheap."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)] if root is not None else []
+    open_nodes: set[int] = set()
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = ([part for pair in node.value for part in pair]
+                    if isinstance(node, yaml.MappingNode) else
+                    node.value if isinstance(node, yaml.SequenceNode) else [])
+        if children_done:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
+            if sizes[id(node)] > MAX_YAML_NODES:
+                line = node.start_mark.line + 1
+                raise StudyFileError(
+                    f"{path}:{line}: the document expands (through YAML aliases) to more than "
+                    f"{MAX_YAML_NODES:,} values; a study file may not")
+            continue
+        if id(node) in open_nodes:
+            raise StudyFileError(f"{path}:{node.start_mark.line + 1}: a YAML alias refers to "
+                                 "itself (a recursive structure)")
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        stack.extend((child, False) for child in children if id(child) not in sizes)
 
 
 def _check_duplicate_keys(path: Path, root: yaml.Node | None) -> None:

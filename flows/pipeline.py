@@ -34,14 +34,20 @@ import pandas as pd
 
 from cohort.comparison_data import load_comparison
 from cohort.concepts import resolve_concept_sets
-from cohort.prepare import PreparedStudy, prepare_study, source_requirements
-from cohort.source import RecordSource, SourceError, open_source
+from cohort.prepare import (
+    PreparedStudy,
+    check_usable_rows,
+    prepare_study,
+    source_requirements,
+)
+from cohort.source import RecordSource, SourceError, open_source, scan_tables
 from estimators.comparison import OutcomeInput, analyze_comparison
 from estimators.errors import EstimationError
 from estimators.positive_controls import injected_outcomes
 from flows.config import LoadedStudy, StudyConfig, load_study
 from results.evidence import assemble_evidence, screen_evidence
 from results.gates import Thresholds
+from results.masking import mask_free_text
 from results.store import StoreError, open_store, write_run
 
 RESULT_TABLES = ("estimates", "diagnostics", "balance", "ps_distribution", "km_curves")
@@ -199,12 +205,16 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def preflight(study: LoadedStudy) -> None:
-    """Check the source can serve the study (tables, columns, concept ids) before a run."""
+    """Check the source can serve the study before a run: tables, columns, concept ids, rows
+    in the tables it needs, and every needed column readable."""
     source = open_study_source(study)
     try:
         design = study.design()
-        source.require(source_requirements(source, design))
+        needs = source_requirements(source, design)
+        source.require(needs)
         resolve_concept_sets(source, design.concept_sets)
+        check_usable_rows(source, design)  # what the run would find only later
+        scan_tables(source, needs)
     finally:
         source.close()
 
@@ -255,11 +265,25 @@ def prepare(study_file: str, workspace: str, *, resume: bool = False,
         "comparison_ids": [int(i) for i in prepared.comparisons["comparison_id"]],
         "code": code_fingerprint(),
         "fingerprint": fingerprint,
-        "warnings": prepared.warnings,
+        "warnings": shareable_texts(_cell_count_warning(study.config) + prepared.warnings,
+                                    study.config),
         "seconds": prepared.seconds,
     }
     _write_atomic(marker, json.dumps(info, indent=1))
     return {**info, "reused": False}
+
+
+def shareable_texts(texts: list[str], config: StudyConfig) -> list[str]:
+    """Warnings and notes as they may be logged, stored and shown: every number below the
+    study's min_cell_count masked (they name counts of persons and records)."""
+    return [str(mask_free_text(text, config.min_cell_count)) for text in texts]
+
+
+def _cell_count_warning(config: StudyConfig) -> list[str]:
+    if config.min_cell_count >= 5:
+        return []
+    return [f"min_cell_count is {config.min_cell_count}: counts from {config.min_cell_count} "
+            "persons up are shown; OHDSI's convention is at least 5"]
 
 
 def analysis_dir(workspace: str | Path, comparison_id: int) -> Path:
@@ -493,7 +517,8 @@ def finalize(
         "n_estimates": len(estimates),
         "n_estimates_failed": int((estimates.get("status") != "ok").sum()) if len(estimates)
         else 0,
-        "warnings": prepared_info["warnings"] + [n for a in analyses for n in a["notes"]],
+        "warnings": prepared_info["warnings"] + shareable_texts(
+            [n for a in analyses for n in a["notes"]], study.config),
         "versions": versions(),
         "timings": timings,
     }

@@ -169,14 +169,15 @@ def _analyze_all(study_file: str, workspace: str, ids: list[int], execution: Exe
             outcome = future.result(raise_on_failure=False)
             if isinstance(outcome, BaseException):
                 message = f"{type(outcome).__name__}: {outcome}"
+                shown = pipeline.shareable_texts([message], load_study(study_file).config)[0]
                 logger.error("comparison %d failed: %s (recorded; the others go on)", cid,
-                             message)
+                             shown)
                 summary = pipeline.record_failure(study_file, workspace, cid, message)
             else:
                 summary = outcome
-                logger.info("comparison %d done in %.1f s (%d persons, %d covariates, "
-                            "%d failed estimates)", cid, summary["seconds"],
-                            summary["n_persons"], summary["n_covariates"], summary["failed"])
+                logger.info("comparison %d done in %.1f s (%d covariates, %d failed "
+                            "estimates)", cid, summary["seconds"], summary["n_covariates"],
+                            summary["failed"])  # person counts stay in the store
             analyses.append(summary)
             bar.advance()
     return analyses

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from results.masking import arm_events, shareable_curves, shareable_histogram
+from results.masking import (
+    arm_events,
+    mask_arm_figures,
+    mask_attrition_steps,
+    mask_text_columns,
+    shareable_curves,
+    shareable_histogram,
+)
 from results.store import open_store
 from results.summary import mask_counts
 
@@ -62,7 +69,8 @@ def export(results: Path, what: str, out: Path, *, study: str | None = None) -> 
 
 def _masked(frame: pd.DataFrame, cells: dict[str, int], what: str,
             events: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Each run's rows with its min_cell_count applied: counts masked, histograms pooled,
+    """Each run's rows with its min_cell_count applied: counts, numbers in free text and
+    figures of masked arms masked, attrition guarded against differencing, histograms pooled,
     survival curves cut and shared without their numbers at risk (see results.masking)."""
     if "run_id" not in frame:
         return frame
@@ -77,6 +85,9 @@ def _masked(frame: pd.DataFrame, cells: dict[str, int], what: str,
             part = shareable_curves(part, arm_events(mine), mcc).drop(columns="at_risk")
         elif what == "ps_distribution":
             part = shareable_histogram(part, mcc).assign(run_id=run_id)
-        counts = [c for c in PERSON_COUNTS if c in part]
+        elif what == "attrition":
+            part = mask_attrition_steps(part, mcc)
+        part = mask_text_columns(mask_arm_figures(part, mcc), mcc)
+        counts = [c for c in PERSON_COUNTS if c in part and part[c].dtype != object]
         parts.append(mask_counts(part, counts, mcc) if counts else part)
     return pd.concat(parts, ignore_index=True) if parts else frame

@@ -16,7 +16,6 @@ import json
 import math
 import multiprocessing
 import os
-import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,15 +24,18 @@ import numpy as np
 import pandas as pd
 
 from results import report_plots as plots
-from results.masking import arm_events, shareable_curves, shareable_histogram
+from results.masking import (
+    arm_events,
+    mask_attrition_steps,
+    mask_free_text,
+    shareable_curves,
+    shareable_histogram,
+)
 from results.store import open_store
 from results.summary import latest_run_id, mask_counts
 
 ATTRITION_PERSONS = ["treated_persons", "comparator_persons"]
 ESTIMATE_COUNTS = ["n_treated", "n_comparator", "events_treated", "events_comparator"]
-COUNT_WORDS = re.compile(
-    r"(?<![\w.])(\d[\d,]*)(?=\s+(?:events?|persons?|people|patients?|subjects?|outcomes?|"
-    r"cases?|users?|at risk)\b)|(?<=\bonly )(\d[\d,]*)(?![\w.])")
 KM_MAX_PANELS = 6       # Kaplan-Meier panels per comparison (the outcomes with most events)
 FOREST_MAX_LINES = 60   # forest plot lines (outcome headers included) before it is subset
 FOREST_MIN_PER_OUTCOME = 3
@@ -138,25 +140,23 @@ def esc(value) -> str:
 
 
 def mask_text(text, min_cell_count: int) -> str:
-    """Free text with person/event counts below the threshold masked, then HTML-escaped."""
+    """Free text with every whole number below the threshold masked, then HTML-escaped."""
     if text is None or (isinstance(text, float) and math.isnan(text)):
         return "-"
-
-    def replace(match: re.Match) -> str:
-        number = match.group(0)
-        value = int(number.replace(",", ""))
-        return f"<{min_cell_count}" if 0 < value < min_cell_count else number
-
-    return esc(COUNT_WORDS.sub(replace, str(text)))
+    return esc(mask_free_text(str(text), min_cell_count))
 
 
 def masked_counts(frame: pd.DataFrame, columns: list[str], min_cell_count: int) -> pd.DataFrame:
     """mask_counts, then thousands separators on what is shown as a number; "-" for missing."""
     masked = mask_counts(frame, columns, min_cell_count)
     for column in columns:
-        masked[column] = masked[column].map(
-            lambda s: f"{int(s):,}" if s.isdigit() else ("-" if s in ("<NA>", "nan") else s))
+        masked[column] = masked[column].map(_shown_count)
     return masked
+
+
+def _shown_count(text: str) -> str:
+    """A masked count as printed: thousands separators, "-" for missing, "<5" as is."""
+    return f"{int(text):,}" if text.isdigit() else ("-" if text in ("<NA>", "nan") else text)
 
 
 def num(value, digits: int = 2, style: str = "f") -> str:
@@ -469,6 +469,15 @@ def _subsection(sid: str, key: str, content: str) -> str:
     return f'<section id="{sid}-{key}" class="sub"><h3>{name}</h3>{content}</section>'
 
 
+def _shown_attrition(rows: pd.DataFrame, min_cell_count: int) -> pd.DataFrame:
+    """Attrition rows as shown: masked against small counts and differencing, in their order,
+    numbers with thousands separators."""
+    shown = mask_attrition_steps(rows, min_cell_count).loc[rows.index]
+    for column in ATTRITION_PERSONS:
+        shown[column] = shown[column].map(_shown_count)
+    return shown
+
+
 def _attrition(data: RunData, cid: int, labels: tuple[str, str], sid: str) -> str:
     mcc = data.min_cell_count
     rows = data.attrition[data.attrition["comparison_id"] == cid]
@@ -478,7 +487,7 @@ def _attrition(data: RunData, cid: int, labels: tuple[str, str], sid: str) -> st
     interest = data.interest
     per_outcome = rows[rows["outcome"].isin(interest)].sort_values(["step_index", "outcome"])
     controls = rows[rows["outcome"].notna() & ~rows["outcome"].isin(interest)]
-    shown = masked_counts(pd.concat([common, per_outcome]), ATTRITION_PERSONS, mcc)
+    shown = _shown_attrition(pd.concat([common, per_outcome]), mcc)
     body = [[esc(r.step_index), esc(r.step) + ("" if pd.isna(r.outcome)
                                                  else f": {esc(r.outcome)}"),
              esc(r.description), r.treated_persons, r.comparator_persons]
@@ -489,9 +498,11 @@ def _attrition(data: RunData, cid: int, labels: tuple[str, str], sid: str) -> st
         content.append(note(f"The per-outcome step for {controls['outcome'].nunique()} control "
                             "outcomes is in the store (table attrition)."))
     if len(common):
+        hidden = mask_attrition_steps(common, mcc)  # steps hidden against differencing: no bar
+        treated, comparator = (common[c].astype(float).where(~hidden[c].str.endswith("removed"))
+                               for c in ATTRITION_PERSONS)
         content.append(figure(plots.attrition_plot(
-            list(common["step"].astype(str)), common["treated_persons"].astype(float),
-            common["comparator_persons"].astype(float), mcc, labels),
+            list(common["step"].astype(str)), treated, comparator, mcc, labels),
             "attrition diagram", "attrition"))
     return _subsection(sid, "attrition", "".join(content))
 
@@ -596,7 +607,7 @@ def _calibration(data: RunData, cid: int, sid: str) -> str:
                             & (data.diagnostics["estimator"] == primary)]
     nulls = diag[["null_mean", "null_sd"]].dropna()
     notes = diag["calibration_note"].dropna()
-    why = esc(notes.iloc[0]) if len(notes) else ""
+    why = mask_text(notes.iloc[0], data.min_cell_count) if len(notes) else ""
     if negative.empty:
         text = ("No calibration plot: this run has no negative-control estimates for this "
                 "comparison, so the empirical null could not be estimated"

@@ -8,6 +8,8 @@ file lock instead of failing. Readers open the file read-only.
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -224,6 +226,21 @@ def open_store(
         con.close()
 
 
+def check_store(path: str | Path) -> None:
+    """Refuse, before any work, a results path that is not and cannot become a result store:
+    a folder, FIFO or device, a file DuckDB cannot open, or a place nothing can be written."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_file():
+            raise StoreError(f"{path}: not a regular file (expected a DuckDB result store)")
+        with open_store(path, read_only=True):
+            return
+    parent = next((p for p in path.absolute().parents if p.exists()), Path("/"))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise StoreError(f"{path}: cannot create the result store ({parent} is not a writable "
+                         "folder)")
+
+
 def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("CREATE TABLE IF NOT EXISTS schema_info (version INTEGER)")
     if not con.execute("SELECT version FROM schema_info").fetchall():
@@ -275,11 +292,29 @@ def _run_row(run: dict) -> dict:
     return row
 
 
-def query(path: str | Path, sql: str) -> pd.DataFrame:
-    """Run a read-only query against the store (writes are refused by DuckDB)."""
+QUERY_TIMEOUT_S = 60.0
+QUERY_MEMORY_LIMIT = "2GB"
+# Table functions a reader may call; every other one (enable_logging, read_*, ...) is refused.
+READER_TABLE_FUNCTIONS = frozenset({
+    "range", "generate_series", "unnest", "duckdb_tables", "duckdb_columns", "duckdb_views",
+    "duckdb_schemas", "duckdb_types", "duckdb_constraints", "duckdb_indexes"})
+
+
+def query(path: str | Path, sql: str, *, timeout_s: float = QUERY_TIMEOUT_S,
+          memory_limit: str = QUERY_MEMORY_LIMIT) -> pd.DataFrame:
+    """Run one read statement against the store, checked before DuckDB executes anything,
+    within a time and memory limit; a writer holding the file makes it wait, not fail."""
+    check_read_only_sql(sql)
     with open_store(path, read_only=True) as con:
+        timer = threading.Timer(timeout_s, con.interrupt)
         try:
+            con.execute("SET memory_limit = ?", [memory_limit])
+            con.execute("SET lock_configuration = true")
+            timer.start()
             return con.execute(sql).df()
+        except duckdb.InterruptException:
+            raise StoreError(f"query stopped after {timeout_s:g} s (the limit; --timeout "
+                             "raises it)") from None
         except duckdb.Error as exc:
             message = str(exc).splitlines()[0]
             if "read-only" in message.lower() or "read only" in message.lower():
@@ -287,3 +322,40 @@ def query(path: str | Path, sql: str) -> pd.DataFrame:
                     f"the result store is opened read-only; queries cannot modify it ({message})"
                 ) from None
             raise StoreError(f"query failed: {message}") from None
+        finally:
+            timer.cancel()
+
+
+def check_read_only_sql(sql: str) -> None:
+    """Refuse anything but one SELECT (CALL, SET, PRAGMA, ATTACH, COPY, several statements)
+    and table functions outside READER_TABLE_FUNCTIONS, by parsing alone."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise StoreError(f"query is not valid SQL: {str(exc).splitlines()[0]}") from None
+    if len(statements) != 1:
+        raise StoreError(f"expected one SELECT statement, got {len(statements)} statements")
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        raise StoreError(f"the store is read-only here: only SELECT queries are allowed "
+                         f"(got a {kind.name} statement)")
+    with duckdb.connect() as parser:
+        tree = json.loads(parser.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+    if tree.get("error"):
+        raise StoreError(f"query is not valid SQL: {tree.get('error_message', '')}")
+    refused = sorted(set(_table_functions(tree)) - READER_TABLE_FUNCTIONS)
+    if refused:
+        raise StoreError(f"table function {refused[0]}() is not allowed in queries (allowed: "
+                         f"{', '.join(sorted(READER_TABLE_FUNCTIONS))})")
+
+
+def _table_functions(node: object) -> Iterator[str]:
+    """Names of the table functions in a json_serialize_sql tree."""
+    if isinstance(node, dict):
+        if node.get("type") == "TABLE_FUNCTION":
+            yield str((node.get("function") or {}).get("function_name", "")).lower()
+        for value in node.values():
+            yield from _table_functions(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _table_functions(value)

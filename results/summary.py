@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from results.masking import mask_text_columns
 from results.store import open_store
 
 
@@ -71,6 +72,7 @@ def wide_summary(summary: pd.DataFrame, min_cell_count: int,
     the rows); unranked ones follow, most protective estimate first.
     """
     keys = ["treatment", "comparator", "outcome", "role"]
+    summary = mask_text_columns(summary, min_cell_count)  # failure messages are shown
     summary = summary.assign(hr=summary.apply(format_hr, axis=1))
     wide = summary.pivot_table(index=keys, columns="estimator", values="hr",
                                aggfunc="first").reset_index()

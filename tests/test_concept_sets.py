@@ -304,7 +304,7 @@ def test_unreadable_atlas_file(tmp_path):
     with pytest.raises(ValueError, match=r"missing\.json: cannot read the ATLAS concept-set "
                                          r"file \(No such file or directory\)"):
         read_atlas_concept_set(tmp_path / "missing.json")
-    with pytest.raises(ValueError, match=r"cannot read the ATLAS concept-set file"):
+    with pytest.raises(ValueError, match=r"not a regular file \(expected an ATLAS concept-set"):
         read_atlas_concept_set(tmp_path)
     (tmp_path / "latin1.json").write_bytes(b'{"items": "\xe9"}')
     with pytest.raises(ValueError, match=r"latin1\.json: cannot read"):

@@ -223,7 +223,7 @@ def test_errors():
         DoubleML().fit(X, np.zeros(300), y)
     few = np.zeros(300, dtype=int)
     few[:3] = 1
-    with pytest.raises(EstimationError, match="too few for 5-fold"):
+    with pytest.raises(EstimationError, match="too few persons in the smaller arm for 5-fold"):
         AIPW(**_nuisances()).fit(X, few, y)
     with pytest.raises(EstimationError, match="n_folds"):
         DoubleML(n_folds=1).fit(X, t, y)

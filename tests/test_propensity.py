@@ -144,7 +144,7 @@ def test_perfect_separation_raises():
         (lambda X, t: (X, np.zeros_like(t)), "the treated arm is empty"),
         (lambda X, t: (X, np.ones_like(t)), "the comparator arm is empty"),
         (lambda X, t: (X, np.r_[np.ones(5, np.int8), np.zeros(len(t) - 5, np.int8)]),
-         "only 5 persons in the treated arm"),
+         "too few persons in the treated arm"),
         (lambda X, t: (X, t[:-1]), "rows but the treatment vector has"),
         (lambda X, t: (X, t * 2), "treatment must be binary"),
         (lambda X, t: (X, np.where(t == 1, np.nan, 0.0)), "treatment must be binary"),

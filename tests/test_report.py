@@ -103,7 +103,7 @@ def _assert_masked(page: Page, min_cell_count: int) -> None:
     values = _count_values(page)
     assert values
     for value in values:
-        if value in ("-", "0", f"<{min_cell_count}"):
+        if value in ("-", "0", f"<{min_cell_count}", f"<{min_cell_count} removed"):
             continue
         assert value.replace(",", "").isdigit(), value
         assert int(value.replace(",", "")) >= min_cell_count, value
@@ -283,9 +283,11 @@ def test_gibleed_report(gibleed):
     assert _figures(gibleed) == {"forest": 1, "attrition": 1, "ps": 1, "balance": 1, "km": 1}
     assert "no negative-control estimates" in gibleed["html"]
     assert "celecoxib" in gibleed["html"] and "gi_bleed" in gibleed["html"]
-    # IPTW leaves |SMD| 0.101 (gate 0.1); PS strata pass and are ranked: the report says both
-    assert "No iptw estimate of this run passed every diagnostic" in gibleed["html"]
-    assert "Ranked with other estimators: ps_strata 1" in gibleed["html"]
+    # IPTW (|SMD| 0.092) and PS strata pass the 0.1 gate and are ranked (issue #16 changed the
+    # CV folds: IPTW missed the gate by a hair, 0.101, before)
+    assert "No iptw estimate of this run passed every diagnostic" not in gibleed["html"]
+    ranking = gibleed["html"].split('<section id="ranking">')[1].split("</section>")[0]
+    assert "<td>celecoxib</td><td>diclofenac</td><td>1.34 (1.09" in ranking
     _assert_masked(gibleed["page"], 5)
 
 
