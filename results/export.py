@@ -31,6 +31,9 @@ EXPORTS = {
     "screen": "SELECT * FROM screen",
     "ps_distribution": "SELECT * FROM ps_distribution",
     "km_curves": "SELECT * FROM km_curves",
+    "comparisons": "SELECT * FROM comparisons",
+    "candidate_evidence": "SELECT * FROM candidate_evidence",
+    "candidate_account": "SELECT * FROM candidate_account",
 }
 PERSON_COUNTS = ("n_treated", "n_comparator", "events_treated", "events_comparator",
                  "treated_persons", "comparator_persons", "persons", "exposed_persons",
