@@ -150,6 +150,7 @@ def _strongest_rows(wide: pd.DataFrame, summary: pd.DataFrame, primary: str) -> 
 
 
 def _print_summary(run: dict, args: argparse.Namespace, extra: Callable | None = None) -> None:
+    from results.account import primary_estimator
     from results.summary import calibration_summary, run_summary, wide_summary
 
     if args.quiet:
@@ -157,7 +158,7 @@ def _print_summary(run: dict, args: argparse.Namespace, extra: Callable | None =
         return
     summary = run_summary(Path(args.results), run["run_id"])
     study = load_study(run["study_file"])
-    primary = "iptw" if "iptw" in study.config.estimators else study.config.estimators[0]
+    primary = primary_estimator(study.config.estimators)
     wide = wide_summary(summary[summary["role"] == "outcome"], study.config.min_cell_count,
                         primary)
     if extra is not None:
@@ -192,6 +193,7 @@ def _print_summary(run: dict, args: argparse.Namespace, extra: Callable | None =
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import add_truth, ensure_demo_data, screen_against_truth
+    from results.account import primary_estimator
 
     kind = "comparison" if args.comparison else "screen"
     config = args.config or CONFIGS / ("demo.yaml" if args.comparison else "screen_demo.yaml")
@@ -204,7 +206,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     _print_summary(run, args)
     if not args.quiet:
-        primary = "iptw" if "iptw" in load_study(config).config.estimators else "crude"
+        primary = primary_estimator(load_study(config).config.estimators)
         table = screen_against_truth(Path(args.results), run["run_id"], cdm, primary)
         print(f"\nthe best-ranked candidates of each comparator strategy ({primary}, pooled "
               "over the strategy's balanced trials) and every planted one, next to the truth "

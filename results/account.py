@@ -47,7 +47,8 @@ def candidate_account(results: Path, *, run_id: str | None = None, study: str | 
 
 
 def primary_estimator(estimators: object) -> str:
-    """The estimator a run's summaries lead with: iptw when the study ran it, else its first."""
+    """The estimator a run's summaries lead with: iptw when the study ran it, else its first
+    (the one rule the terminal summary, the report and the account share)."""
     import json
 
     names = json.loads(estimators) if isinstance(estimators, str) else (estimators or [])

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from results import report_plots as plots
+from results.account import primary_estimator
 from results.masking import (
     arm_events,
     mask_attrition_steps,
@@ -124,7 +125,7 @@ def load_run(results: Path, run_id: str) -> RunData:
     present = list(dict.fromkeys(estimates["estimator"]))
     ordered = [e for e in config.get("estimators") or [] if e in present]
     estimators = ordered + [e for e in present if e not in ordered]
-    primary = "iptw" if "iptw" in estimators else (estimators[0] if estimators else "-")
+    primary = primary_estimator(estimators) if estimators else "-"
     interest = frozenset(estimates.loc[estimates["role"] == "outcome", "outcome"])
     return RunData(run, config, min_cell_count, primary, estimators, attrition, diagnostics,
                    balance, ps, km, estimates, rankings, interest, results)

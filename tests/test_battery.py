@@ -115,6 +115,18 @@ def test_a_vocabulary_without_atc_forms_no_same_class_trial_and_says_so(tmp_path
         source.close()
 
 
+def same_class_screen(tmp_path, persons: list[int], eras: list[tuple], min_new_users: int):
+    """A screen with a same-class battery (every classmate) and the Zang both-arms rule: the
+    prepared result, the cohort rows and the comparisons keyed by (treatment, comparator)."""
+    folder = cdm(tmp_path / "cdm", persons, eras, concept=ATC_VOCABULARY,
+                 concept_ancestor=ATC_ANCESTORS)
+    result, cohort = prepare(tmp_path, folder, design(
+        comparisons=(), screen=ScreenDef(min_new_users=min_new_users),
+        comparator=ComparatorDef("battery", battery=BatteryDef(random=0, same_class=None)),
+        both_arms="treated"))
+    return result, cohort, result.comparisons.set_index(["treatment", "comparator"])
+
+
 def test_battery_screen_end_to_end_with_the_zang_both_arms_rule(tmp_path):
     """Screen a1, a2, b1 (min 2 new users); same-class battery: a1 vs a2 and a2 vs a1.
 
@@ -129,13 +141,7 @@ def test_battery_screen_end_to_end_with_the_zang_both_arms_rule(tmp_path):
             era(4, A2, "2012-01-01"), era(4, A1, "2013-01-01"),
             era(5, A1, "2010-03-01"), era(5, A2, "2012-06-01"),
             era(7, B1, "2012-01-01"), era(8, B1, "2012-01-01"), era(6, A2, "2012-03-01")]
-    folder = cdm(tmp_path / "cdm", list(range(1, 9)), eras, concept=ATC_VOCABULARY,
-                 concept_ancestor=ATC_ANCESTORS)
-    result, cohort = prepare(tmp_path, folder, design(
-        comparisons=(), screen=ScreenDef(min_new_users=2),
-        comparator=ComparatorDef("battery", battery=BatteryDef(random=0, same_class=None)),
-        both_arms="treated"))
-    comparisons = result.comparisons.set_index(["treatment", "comparator"])
+    result, cohort, comparisons = same_class_screen(tmp_path, list(range(1, 9)), eras, 2)
     assert set(comparisons.index) == {("a1", "a2"), ("a2", "a1")}
     assert set(comparisons["strategy"]) == {"same_class"}
     a1_vs_a2 = members(cohort, int(comparisons.loc[("a1", "a2"), "comparison_id"]))
@@ -162,13 +168,7 @@ def test_zang_rule_censors_a_comparator_who_starts_the_candidate(tmp_path):
     eras = [era(1, A1, "2012-01-01"), era(2, A1, "2012-02-01"), era(3, A2, "2012-01-01",
                                                                     "2012-12-31"),
             era(3, A1, "2013-01-01"), era(4, A2, "2012-05-01")]
-    folder = cdm(tmp_path / "cdm", [1, 2, 3, 4], eras, concept=ATC_VOCABULARY,
-                 concept_ancestor=ATC_ANCESTORS)
-    result, cohort = prepare(tmp_path, folder, design(
-        comparisons=(), screen=ScreenDef(min_new_users=1),
-        comparator=ComparatorDef("battery", battery=BatteryDef(random=0, same_class=None)),
-        both_arms="treated"))
-    comparisons = result.comparisons.set_index(["treatment", "comparator"])
+    _, cohort, comparisons = same_class_screen(tmp_path, [1, 2, 3, 4], eras, 1)
     a1_vs_a2 = members(cohort, int(comparisons.loc[("a1", "a2"), "comparison_id"]))
     assert a1_vs_a2[3][:3] == (False, d("2012-01-01"), d("2012-12-31"))
     assert a1_vs_a2[1][2] == d("2015-12-31")  # treated: intention to treat, no censoring
