@@ -442,6 +442,14 @@ def _checked_grid(grid: Sequence[float] | None, lambda_max: Callable[[], float])
     return lambdas[lambdas > 0]
 
 
+BALANCE_WALK_PER_ARM = 50_000
+"""Balance selection fits each penalty of its walk on at most this many persons per arm (each
+model scored and balanced on every person), and keeps the chosen fit as it is: the model whose
+balance was measured is the one used. A dozen fits per trial on every person made the largest
+trials of a 1M-person screen cost tens of seconds each; OHDSI downsamples to 250,000 per arm
+for the same reason."""
+
+
 def fit_by_balance(
     X, t: np.ndarray, *, seed: int, max_fit_rows: int | None,
     grid: Sequence[float] | None, rng: np.random.Generator,
@@ -449,10 +457,11 @@ def fit_by_balance(
     """Choose the L1 penalty that leaves the fewest covariates with |SMD| > 0.1 after IPTW.
 
     Zang et al. (2023): balance, not likelihood, is what the PS model is for. Each penalty of the
-    grid is fitted once on the fitting rows (arms capped at max_fit_rows); balance is measured on
-    every row of X with the pipeline's truncated stabilised ATE weights. The count need not be
-    monotone along the path, so the walk stops early only once every covariate balances and the
-    AUC has stopped rising (balance_walk_done); penalties at or above the fitting sample's
+    grid is fitted once on the walk's rows (arms capped at BALANCE_WALK_PER_ARM within the
+    fitting rows, which are capped at max_fit_rows); balance is measured on every row of X with
+    the pipeline's truncated stabilised ATE weights, and the chosen fit is the final model. The
+    count need not be monotone along the path, so the walk stops early only once every covariate
+    balances and the AUC has stopped rising (balance_walk_done); penalties at or above the walk's
     lambda_max are intercept-only and cost no solver call.
     """
     # Imported here: both modules import this one.
@@ -461,13 +470,15 @@ def fit_by_balance(
 
     fit_idx = _cap_per_arm(t, max_fit_rows, rng)
     Xf, tf = (X, t) if fit_idx is None else (X[fit_idx], t[fit_idx])
-    lambda_max = _lambda_max(Xf, tf.astype(np.float64))
+    walk_idx = _cap_per_arm(tf, BALANCE_WALK_PER_ARM, rng)
+    Xw, tw = (Xf, tf) if walk_idx is None else (Xf[walk_idx], tf[walk_idx])
+    lambda_max = _lambda_max(Xw, tw.astype(np.float64))
     lambdas = _checked_grid(grid, lambda: lambda_max)
     if X.shape[1] == 0 or lambdas.size == 0:
         return replace(_null_fit(t, X.shape[1], 0), selection="balance")
     points, counts, aucs = [], [], []
     for lam in lambdas:
-        point = _fit_at(float(lam), seed, Xf, tf, X, t, lambda_max)
+        point = _fit_at(float(lam), seed, Xw, tw, X, t, lambda_max)
         ps = np.clip(expit(point.z), PS_EPS, 1.0 - PS_EPS)
         counts.append(count_imbalanced(covariate_balance(X, t, truncated_iptw_weights(ps, t))))
         aucs.append(auc(ps, t))
@@ -478,7 +489,7 @@ def fit_by_balance(
     best = replace(best, z=_linear_predictor(X, best.coef, best.intercept))
     return _finish(best, t, lambdas=np.asarray(lambdas[:len(points)]), cv_log_loss=np.empty(0),
                    n_cv_rows=0,
-                   n_fit_rows=int(tf.shape[0]), selection="balance",
+                   n_fit_rows=int(tw.shape[0]), selection="balance",
                    n_imbalanced=np.asarray(counts, dtype=np.int64), path_auc=np.asarray(aucs))
 
 

@@ -115,6 +115,21 @@ def test_balance_selection_with_arms_capped(data):
     assert abs(fit.ps.mean() - t.mean()) < 0.03
 
 
+def test_the_walk_fits_on_a_subsample_and_keeps_the_model_it_measured(data, monkeypatch):
+    """With the walk capped at 600 persons per arm, every model is fitted on 1,200 persons and
+    balanced on all of them; the chosen one is kept as it is, so its balance on every person is
+    the count the walk recorded, and the fewest of the walk."""
+    from estimators import propensity
+
+    X, t = data
+    monkeypatch.setattr(propensity, "BALANCE_WALK_PER_ARM", 600)
+    fit = fit_propensity(X, t, seed=0, selection="balance")
+    assert fit.n_fit_rows == 1200 and fit.ps.shape == t.shape
+    chosen = int(np.flatnonzero(np.isclose(fit.lambdas_tried, fit.lambda_))[0])
+    assert imbalanced_after_iptw(X, t, fit.ps) == fit.n_imbalanced[chosen]
+    assert fit.n_imbalanced[chosen] == fit.n_imbalanced.min()
+
+
 def test_unknown_selection_raises(data):
     X, t = data
     with pytest.raises(ValueError, match="selection"):
