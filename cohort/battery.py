@@ -2,9 +2,10 @@
 
 IBM's framework (Ozery-Flato et al. 2020) and Zang et al. (2023) emulate every candidate in a
 battery of trials, each against new users of ONE other drug: drugs drawn at random from the
-other screened ingredients, and drugs of the candidate's own ATC class (which share its
-indication, so less confounding by indication is left to adjust for). A trial is then an
-ordinary active-comparator comparison.
+other screened ingredients outside the candidate's ATC class (so the two strategies never share
+a trial and "beneficial under both" means two independent batteries), and drugs of the
+candidate's own class (which share its indication, so less confounding by indication is left to
+adjust for). A trial is then an ordinary active-comparator comparison.
 
 Draws are set-based (one query over all candidate pairs) and stable: each candidate orders the
 other drugs by a hash of (candidate, other drug, strategy, seed) and takes the first k, so
@@ -51,27 +52,28 @@ def battery_trials(source: RecordSource, battery: BatteryDef, candidates: pd.Dat
                    seed: int) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """Form every candidate's trials.
 
-    Returns (trials, plan, warnings): trials has one row per emulated trial (treatment,
+    Random draws leave out the candidate's classmates at the battery's ATC level (classes are
+    read for both strategies). Returns (trials, plan, warnings): trials has one row per emulated
+    trial (treatment,
     comparator, strategy, trial number from 1 within the candidate's strategy); plan has one
     row per candidate (set_name, atc_classes, random_trials, same_class_trials, battery_note);
     warnings say what could not be formed. A battery that forms no trial at all is an error.
     """
     con = source.con
-    classes = (candidate_classes(source, candidates, battery.atc_level)
-               if "same_class" in battery.strategies else
-               pd.DataFrame(columns=["set_name", "class_concept_id", "class_code", "class_name"]))
+    classes = candidate_classes(source, candidates, battery.atc_level)
     con.register("cf_battery_candidate", candidates[["set_name"]])
     con.register("cf_battery_class", classes[["set_name", "class_concept_id"]])
     try:
         trials = con.execute("""
-            WITH pair AS (
-                SELECT t.set_name AS treatment, c.set_name AS comparator
-                FROM cf_battery_candidate t JOIN cf_battery_candidate c
-                  ON c.set_name <> t.set_name
-            ), shared AS (
+            WITH shared AS (
                 SELECT DISTINCT a.set_name AS treatment, b.set_name AS comparator
                 FROM cf_battery_class a JOIN cf_battery_class b
                   ON a.class_concept_id = b.class_concept_id AND a.set_name <> b.set_name
+            ), pair AS (  -- random comparators come from the other classes
+                SELECT t.set_name AS treatment, c.set_name AS comparator
+                FROM cf_battery_candidate t JOIN cf_battery_candidate c
+                  ON c.set_name <> t.set_name
+                WHERE (t.set_name, c.set_name) NOT IN (SELECT treatment, comparator FROM shared)
             ), drawn AS (
                 SELECT treatment, comparator, 'random' AS strategy,
                        row_number() OVER (PARTITION BY treatment ORDER BY
@@ -113,8 +115,8 @@ def _plan(battery: BatteryDef, candidates: pd.DataFrame, classes: pd.DataFrame,
                                                       and name in counts.index) else 0
         notes = []
         if battery.random and random < battery.random:
-            notes.append(f"{random} of {battery.random} random trials (too few other "
-                         "candidates)")
+            notes.append(f"{random} of {battery.random} random trials (too few candidates "
+                         "outside its class)")
         if "same_class" in battery.strategies:
             if name not in class_codes.index:
                 notes.append(f"no {level} class in the vocabulary: no same-class trial")

@@ -336,9 +336,9 @@ def arm_loss_warnings(attrition: pd.DataFrame, notes: dict[int, str],
         treatment, comparator = comparisons[cid - 1]
         for part in text.split("; "):
             by_rule.setdefault(part, []).append(f"{treatment} vs {comparator}")
-    return [f"{rule} in {len(hit)} comparison(s) ({', '.join(hit[:5])}"
-            f"{', ...' if len(hit) > 5 else ''}; see attrition)"
-            for rule, hit in by_rule.items()]
+    return [f"{rule} in {', '.join(hit[:5])}"
+            + (f" and {len(hit) - 5} more comparison(s)" if len(hit) > 5 else "")
+            + " (see attrition)" for rule, hit in by_rule.items()]
 
 
 def _cohort_warnings(source: RecordSource) -> list[str]:

@@ -70,7 +70,7 @@ def account_lines(account: pd.DataFrame) -> list[str]:
               or not row.trials_ps_without_covariates else
               f"; {int(row.trials_ps_without_covariates)} propensity model(s) selected no "
               "covariate (adjusted = crude)")
-        rank = "" if pd.isna(row.rank) else f"rank {int(row.rank)}: "
+        rank = "" if pd.isna(row.rank) else f"rank {int(row.rank)} ({row.rank_strategy}): "
         pooled = "" if not isinstance(row.by_strategy, str) else f"; {row.by_strategy}"
         outcome = "" if not isinstance(row.outcome, str) else f" [{row.outcome}]"
         lines.append(f"{rank}{row.treatment}{outcome}: {row.eligible_new_users} eligible new "

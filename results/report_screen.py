@@ -42,8 +42,12 @@ def screen_section(results: Path, run_id: str, estimator: str) -> str:
                   "treated persons. Identified: beneficial at the false-discovery rate under "
                   "every comparator strategy.")]
     ranked = pooled[pooled["rank"].notna()]
+    elsewhere = _ranked_by_other_estimators(results, run_id, estimator)
     if ranked.empty:
-        parts.append(note("No candidate is ranked: see the account below for why."))
+        parts.append(note(f"No candidate is ranked with {esc(estimator)}: see the account below "
+                          f"for why.{elsewhere}"))
+    elif elsewhere:
+        parts.append(note(elsewhere.strip()))
     else:
         rows = [[esc(r.outcome), esc(r.strategy), esc(int(r.rank)), esc(r.treatment),
                  hr_ci(r.estimate, r.ci_low, r.ci_high), pvalue(r.p_value), pvalue(r.q_value),
@@ -61,13 +65,33 @@ def screen_section(results: Path, run_id: str, estimator: str) -> str:
         parts.append(note("Dark: reported (enough balanced trials); grey: not. Filled squares "
                           "pool calibrated trial estimates."))
     parts.append("<h3>Account of every candidate</h3>")
-    rows = [[esc(r.treatment), esc(r.eligible_new_users), _trials(r), esc(r.by_strategy or ""),
-             esc(r.status)] for r in account.itertuples()]
+    rows = [[esc(r.treatment), _eligible(r.eligible_new_users), _trials(r),
+             esc(r.by_strategy or ""), esc(r.status)] for r in account.itertuples()]
     parts.append(table(["candidate", "eligible new users", "trials run / both arms / "
                         "estimable / balanced", "pooled by strategy", "what became of it"],
                        rows, counts={1}))
     parts.append("</section>")
     return "".join(parts)
+
+
+def _ranked_by_other_estimators(results: Path, run_id: str, estimator: str) -> str:
+    """' Ranked with other estimators: overlap 3, ...' (cohortflow rank shows them), or ''."""
+    with open_store(results, read_only=True) as con:
+        counts = con.execute("""
+            SELECT estimator, count(DISTINCT treatment) FROM candidate_evidence
+            WHERE run_id = ? AND estimator <> ? AND rank IS NOT NULL AND role = 'outcome'
+            GROUP BY estimator ORDER BY estimator""", [run_id, estimator]).fetchall()
+    if not counts:
+        return ""
+    listed = ", ".join(f"{esc(name)} {n}" for name, n in counts)
+    return (f" Candidates ranked with other estimators: {listed} (cohortflow rank --estimator "
+            "NAME).")
+
+
+def _eligible(value) -> str:
+    """Eligible new users as shown; '-' where the screen did not count them (fewer exposed
+    persons than its minimum)."""
+    return "-" if pd.isna(value) or str(value) in ("<NA>", "nan") else esc(value)
 
 
 def _trials(row) -> str:

@@ -145,6 +145,7 @@ VIEWS = {
             FROM per_trial GROUP BY ALL
         ), pooled AS (
             SELECT run_id, treatment, outcome, estimator, min(rank) AS best_rank,
+                   arg_min(strategy, rank) AS rank_strategy,
                    bool_or(coalesce(identified, false)) AS identified,
                    bool_or(reported) AS reported,
                    string_agg(strategy || ': HR ' || coalesce(printf('%.2f', estimate), '-')
@@ -160,7 +161,8 @@ VIEWS = {
                t.outcome, t.estimator, t.trials_run, t.trials_with_both_arms,
                t.trials_estimable, t.trials_balanced, t.trials_ps_without_covariates,
                t.commonest_cohort_note, t.commonest_failure, t.commonest_failed_gate,
-               p.by_strategy, p.best_rank AS rank, coalesce(p.identified, false) AS identified,
+               p.by_strategy, p.best_rank AS rank, p.rank_strategy,
+               coalesce(p.identified, false) AS identified,
                CASE
                    WHEN NOT s.selected THEN 'not screened: fewer eligible new users than the '
                         || 'screen minimum'

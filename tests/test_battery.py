@@ -74,7 +74,9 @@ def test_same_class_trials_come_from_the_vocabulary(tmp_path):
     assert set(trials[trials["treatment"] == "a1"]["comparator"]) == {"a2", "a3", "b1", "b2"}
 
 
-def test_random_trials_are_reproducible_and_stable_when_candidates_are_added(tmp_path):
+def test_random_trials_are_reproducible_stable_and_outside_the_class(tmp_path):
+    """Random comparators never share the candidate's ATC class (the two strategies never share
+    a trial); draws repeat with the seed and move by at most the one added candidate."""
     source = vocabulary_source(tmp_path)
     try:
         battery = BatteryDef(random=2, same_class=1, atc_level=2)
@@ -89,6 +91,9 @@ def test_random_trials_are_reproducible_and_stable_when_candidates_are_added(tmp
     pd.testing.assert_frame_equal(first, again)
     random = first[first["strategy"] == "random"]
     assert (random.groupby("treatment").size() == 2).all()
+    classes = {"a1": "X", "a2": "X", "a3": "X", "b1": "Y", "b2": "Y"}
+    assert not any(classes.get(t) is not None and classes.get(t) == classes.get(c)
+                   for t, c in zip(random["treatment"], random["comparator"], strict=True))
     assert (random["treatment"] != random["comparator"]).all()
     assert not random.duplicated(["treatment", "comparator"]).any()
     # a same_class cap of 1 draws one of a1's two classmates
