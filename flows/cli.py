@@ -73,6 +73,18 @@ def _print_arms(study) -> None:
     shown = mask_counts(prepared.comparisons[columns], ["n_treated", "n_comparator"],
                         study.config.min_cell_count)
     print(shown.astype(object).where(shown.notna(), "").to_string(index=False))
+    screen = prepared.screen
+    if screen is not None:
+        counted = int(screen["eligible_new_users"].notna().sum())
+        print(f"screen: {len(screen)} ingredient(s) exposed, {counted} counted, "
+              f"{int(screen['selected'].sum())} selected; {len(prepared.comparisons)} "
+              "comparison(s)")
+        if "battery_note" in screen:
+            notes = screen[screen["selected"] & screen["battery_note"].notna()]
+            for note, rows in notes.groupby("battery_note"):
+                names = list(rows["set_name"])
+                print(f"battery: {note}: {', '.join(names[:6])}"
+                      + (f" and {len(names) - 6} more" if len(names) > 6 else ""))
     for warning in prepared.warnings:
         print(f"warning: {warning}")
 

@@ -56,7 +56,8 @@ def screen_against_truth(results: Path, run_id: str, cdm: Path, estimator: str, 
                           right_on=["ingredient", "outcome"]).drop(columns=["ingredient"])
     merged = merged.sort_values(["outcome", "strategy", "rank", "treatment"],
                                 na_position="last")
-    top = merged.groupby(["outcome", "strategy"]).head(top_per_strategy).index
+    ranked = merged[merged["rank"].notna()]
+    top = ranked.groupby(["outcome", "strategy"]).head(top_per_strategy).index
     shown = merged[merged.index.isin(top) | merged["kind"].isin(PLANTED_KINDS)]
     shown = shown.assign(reason=shown["reason"].where(shown["rank"].isna(), ""))
     return shown.reset_index(drop=True)
