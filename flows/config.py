@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import reprlib
+import typing
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -872,14 +873,16 @@ def _describe(path: Path, root: yaml.Node | None, exc: ValidationError) -> str:
 
 
 def _model_at(loc: list[Any]) -> type[BaseModel] | None:
+    """The study-file model at a field path (through optional fields: `Battery | None`)."""
     model: type[BaseModel] = StudyConfig
     for part in loc:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        else:
+        models = [a for a in (typing.get_args(annotation) or (annotation,))
+                  if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(models) != 1:
             return None
+        model = models[0]
     return model
 
 
