@@ -93,11 +93,15 @@ def flag_entries(source: RecordSource, design: CohortDesign, raw: str, out: str)
     """Create temp table `out` from entries table `raw` (internal names) with rule flags."""
     con = source.con
     build_disease_onset(source, design)
-    disease_join = ("LEFT JOIN cf_disease_onset dx ON dx.person_id = j.person_id"
-                    if design.disease else
-                    "LEFT JOIN (SELECT NULL::BIGINT AS person_id, NULL::DATE AS onset_date "
-                    "WHERE false) dx ON dx.person_id = j.person_id")
-    disease_window = design.disease.window if design.disease else (0, None)
+    disease_join, disease = "", "NULL::DATE AS disease_onset, true AS disease_ok"
+    params = {}
+    if design.disease:
+        disease_join = "LEFT JOIN cf_disease_onset dx ON dx.person_id = j.person_id"
+        disease = """dx.onset_date AS disease_onset,
+               coalesce(datediff('day', dx.onset_date, j.index_date)
+                            BETWEEN $disease_from AND coalesce($disease_to::INTEGER, 2147483647),
+                        false) AS disease_ok"""
+        params = dict(zip(("disease_from", "disease_to"), design.disease.window, strict=True))
     death = ("SELECT person_id, min(death_date) AS death_date FROM death "
              "WHERE death_date IS NOT NULL GROUP BY person_id"
              if "death" in source.tables and "death_date" in source.tables["death"] else
@@ -165,17 +169,13 @@ def flag_entries(source: RecordSource, design: CohortDesign, raw: str, out: str)
                    AS sex_ok,
                coalesce(datediff('day', j.op_start, j.index_date) >= $washout, false)
                    AS washout_observed,
-               dx.onset_date AS disease_onset,
-               coalesce(datediff('day', dx.onset_date, j.index_date)
-                            BETWEEN $disease_from AND coalesce($disease_to::INTEGER, 2147483647),
-                        false) AS disease_ok
+               {disease}
         FROM joined j LEFT JOIN death_row dr ON dr.person_id = j.person_id
         {disease_join}
     """, {"study_start": design.study_start, "study_end": design.study_end,
           "prior": design.prior_observation_days, "min_age": design.min_age,
           "max_age": design.max_age, "sexes": list(design.sexes),
-          "washout": design.washout_days, "disease_from": disease_window[0],
-          "disease_to": disease_window[1]})
+          "washout": design.washout_days, **params})
     _flag_criteria(source, design.criteria, out)
 
 

@@ -89,7 +89,7 @@ def prepare_study(source: RecordSource, design: CohortDesign, workspace: Path) -
     lap("concept_sets")
     concept_sets, comparisons, screen = dict(design.concept_sets), list(design.comparisons), None
     comparator = comparator_of(design)
-    trials = pd.DataFrame({"strategy": [comparator.kind] * len(comparisons), "trial": None})
+    trials = None  # a battery's (strategy, trial) per comparison
     if design.screen is not None:
         screen = screen_candidates(source, design)
         candidates = screen_concept_sets(screen)
@@ -103,16 +103,16 @@ def prepare_study(source: RecordSource, design: CohortDesign, workspace: Path) -
             warnings += notes
             screen = screen.merge(plan, on="set_name", how="left")
             comparisons = list(zip(trials["treatment"], trials["comparator"], strict=True))
-        else:
-            trials = pd.DataFrame({"strategy": [comparator.kind] * len(comparisons),
-                                   "trial": None})
         lap("screen")
+    if trials is None:  # one comparison per treatment, named by the comparator kind
+        trials = pd.DataFrame({"strategy": [comparator.kind] * len(comparisons), "trial": None})
     _check_arms_have_concepts(source, design, comparisons)
     attrition = build_cohorts(source, design, comparisons)
     _check_cohorts(source, attrition)
     warnings += _cohort_warnings(source)
-    cohort_notes = arm_loss_notes(attrition)
-    warnings += arm_loss_warnings(attrition, cohort_notes, comparisons)
+    losses = arm_losses(attrition)
+    cohort_notes = arm_loss_notes(losses)
+    warnings += arm_loss_warnings(losses, comparisons)
     lap("cohorts")
     outcomes = build_outcomes(source, design)
     _check_outcome_events(source, design)
@@ -311,31 +311,35 @@ def _check_cohorts(source: RecordSource, attrition: pd.DataFrame) -> None:
 COMPARISON_STEPS = ("not_exposed", "washout", "not_in_both", "common_period", "at_risk")
 
 
-def arm_loss_notes(attrition: pd.DataFrame) -> dict[int, str]:
-    """comparison_id -> why an arm shrank: the comparison rules that removed more than half of
-    an arm's persons (or emptied it). Text only, no counts (those are in attrition)."""
+def arm_losses(attrition: pd.DataFrame) -> dict[int, list[str]]:
+    """comparison_id -> the comparison rules that removed more than half of an arm's persons
+    (or emptied it), in words without counts (those are in attrition)."""
     steps = attrition[attrition["outcome"].isna()].sort_values(["comparison_id", "step_index"])
-    notes: dict[int, str] = {}
+    losses: dict[int, list[str]] = {}
     for arm, column in (("treated", "treated_persons"), ("comparator", "comparator_persons")):
         before = steps.groupby("comparison_id")[column].shift(1)
         hit = steps[steps["step"].isin(COMPARISON_STEPS) & (before > 0)
                     & (steps[column] < 0.5 * before)]
         for row in hit.itertuples():
             what = "emptied" if getattr(row, column) == 0 else "removed more than half of"
-            text = f"rule {row.step} {what} the {arm} arm"
-            cid = int(row.comparison_id)
-            notes[cid] = f"{notes[cid]}; {text}" if cid in notes else text
-    return notes
+            losses.setdefault(int(row.comparison_id), []).append(
+                f"rule {row.step} {what} the {arm} arm")
+    return losses
 
 
-def arm_loss_warnings(attrition: pd.DataFrame, notes: dict[int, str],
+def arm_loss_notes(losses: dict[int, list[str]]) -> dict[int, str]:
+    """comparison_id -> its arm losses as one note (the comparisons table's cohort_note)."""
+    return {cid: "; ".join(rules) for cid, rules in losses.items()}
+
+
+def arm_loss_warnings(losses: dict[int, list[str]],
                       comparisons: list[tuple[str, str]]) -> list[str]:
     """One run warning per rule that shrank arms, naming up to five comparisons it hit."""
     by_rule: dict[str, list[str]] = {}
-    for cid, text in notes.items():
+    for cid, rules in losses.items():
         treatment, comparator = comparisons[cid - 1]
-        for part in text.split("; "):
-            by_rule.setdefault(part, []).append(f"{treatment} vs {comparator}")
+        for rule in rules:
+            by_rule.setdefault(rule, []).append(f"{treatment} vs {comparator}")
     return [f"{rule} in {', '.join(hit[:5])}"
             + (f" and {len(hit) - 5} more comparison(s)" if len(hit) > 5 else "")
             + " (see attrition)" for rule, hit in by_rule.items()]

@@ -154,9 +154,16 @@ class Battery(_Strict):
     ingredients, `same_class` ones from those sharing an ATC class of `atc_level` ("all", or
     at most that many drawn at random; 0 = none)."""
 
-    random: int = Field(10, ge=0, le=1000)
+    random: int = Field(10, ge=0, le=1000, strict=True)  # strict: YAML's true is no count
     same_class: int | Literal["all"] = 10
-    atc_level: int = Field(2, ge=1, le=5)
+    atc_level: int = Field(2, ge=1, le=5, strict=True)
+
+    @field_validator("same_class", mode="before")
+    @classmethod
+    def _same_class_not_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number of trials or 'all', got {value!r}")
+        return value
 
     @field_validator("same_class")
     @classmethod

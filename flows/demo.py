@@ -17,7 +17,8 @@ from cohort.synthetic_screen import SCREEN_GENERATOR_VERSION, generate_screen_cd
 from results.store import open_store
 
 MARKER = "generator.json"
-GENERATORS = {"comparison": (generate_demo_cdm, f"demo-{GENERATOR_VERSION}"),
+# kind -> (generator, version recorded in the marker; the comparison demo's predates the screen)
+GENERATORS = {"comparison": (generate_demo_cdm, GENERATOR_VERSION),
               "screen": (generate_screen_cdm, f"screen-{SCREEN_GENERATOR_VERSION}")}
 
 
@@ -26,8 +27,6 @@ def ensure_demo_data(cdm: Path, *, persons: int, seed: int, kind: str = "compari
     version is there already; return its truth.csv."""
     generate, version = GENERATORS[kind]
     wanted = {"persons": persons, "seed": seed, "generator": version}
-    if kind == "comparison":
-        wanted["generator"] = GENERATOR_VERSION  # markers written before the screen demo
     marker = cdm / MARKER
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return cdm / "truth.csv"

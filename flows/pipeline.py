@@ -45,7 +45,7 @@ from estimators.comparison import OutcomeInput, analyze_comparison
 from estimators.errors import EstimationError
 from estimators.positive_controls import injected_outcomes
 from flows.config import LoadedStudy, StudyConfig, load_study
-from results.evidence import assemble_evidence, screen_evidence
+from results.evidence import assemble_evidence, screen_evidence, with_cohort_notes
 from results.gates import Thresholds
 from results.masking import mask_free_text
 from results.store import StoreError, open_store, write_run
@@ -524,17 +524,6 @@ def finalize(
     }
     write_run(paths.results, run, tables)
     return run
-
-
-def with_cohort_notes(diagnostics: pd.DataFrame, comparisons: pd.DataFrame) -> pd.DataFrame:
-    """Diagnostics whose comparison lost most of an arm to a design rule say so in `reasons`."""
-    if not len(diagnostics) or "cohort_note" not in comparisons:
-        return diagnostics
-    notes = diagnostics["comparison_id"].map(comparisons["cohort_note"])
-    reasons = diagnostics["reasons"].fillna("").astype(str) if "reasons" in diagnostics else ""
-    joined = np.where(reasons == "", "cohort: " + notes.astype(str),
-                      reasons + "; cohort: " + notes.astype(str))
-    return diagnostics.assign(reasons=np.where(notes.notna(), joined, diagnostics.get("reasons")))
 
 
 def report(results: Path, run_id: str, data_dir: Path) -> Path:

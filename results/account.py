@@ -9,6 +9,7 @@ are masked, so the account is safe to show and share.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -49,8 +50,6 @@ def candidate_account(results: Path, *, run_id: str | None = None, study: str | 
 def primary_estimator(estimators: object) -> str:
     """The estimator a run's summaries lead with: iptw when the study ran it, else its first
     (the one rule the terminal summary, the report and the account share)."""
-    import json
-
     names = json.loads(estimators) if isinstance(estimators, str) else (estimators or [])
     names = [n if isinstance(n, str) else next(iter(n)) for n in names]
     return "iptw" if "iptw" in names or not names else names[0]

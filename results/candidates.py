@@ -87,10 +87,9 @@ def _candidate(trials: pd.DataFrame, min_balanced_rate: float) -> dict:
 
 def _trial_values(balanced: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
     """HR, log-scale SE and p-value of each balanced trial: calibrated when all have them."""
-    calibrated = (len(balanced) > 0 and "calibrated_estimate" in balanced
-                  and "calibrated_se" in balanced
-                  and bool(balanced[["calibrated_estimate", "calibrated_se",
-                                     "calibrated_p_value"]].notna().all(axis=None)))
+    columns = ["calibrated_estimate", "calibrated_se", "calibrated_p_value"]
+    calibrated = (len(balanced) > 0 and set(columns) <= set(balanced)
+                  and bool(balanced[columns].notna().all(axis=None)))
     prefix = "calibrated_" if calibrated else ""
     columns = [f"{prefix}estimate", f"{prefix}se", f"{prefix}p_value"]
     hr, se, p = (balanced[c].to_numpy(dtype=float) for c in columns)

@@ -22,13 +22,16 @@ import pandas as pd
 
 CURVE_KEYS = ["comparison_id", "outcome", "arm"]
 # A whole number standing alone: not part of a word, an identifier (outcome_1), a decimal
-# (0.25), a negative day (-1), a ratio (1:1) or a date (2020-01-05), nor a comparison's id.
+# (0.25), a negative day (-1), a ratio (1:1, 4/5 trials) or a date (2020-01-05), nor a
+# comparison's id; a number that ends a sentence ("arm: 3.") is a number.
 WHOLE_NUMBER = re.compile(r"(?<![\w.\-:/])(?<!comparison )(?<!comparison_id )"
-                          r"(\d{1,3}(?:,\d{3})+|\d+)(?![\w.:/]|-\d)")
+                          r"(\d{1,3}(?:,\d{3})+|\d+)(?![\w:/]|\.\d|-\d)")
 # Figures computed from an arm's persons, hidden when that arm's count is masked.
 ARM_FIGURES = {"n_treated": ("ess_treated", "person_days_treated"),
                "n_comparator": ("ess_comparator", "person_days_comparator")}
-TEXT_COLUMNS = ("message", "reasons", "calibration_note", "warnings", "note", "description")
+TEXT_COLUMNS = ("message", "reasons", "calibration_note", "warnings", "note", "description",
+                "cohort_note", "battery_note", "reason", "commonest_failure",
+                "commonest_failed_gate", "commonest_cohort_note", "status")
 
 
 def mask_free_text(text: object, min_cell_count: int) -> object:

@@ -232,8 +232,8 @@ def render(data: RunData) -> str:
     """The whole HTML document."""
     comparisons = _comparisons(data)
     screen = []
-    if data.results is not None and data.config.get("treatments", {}) and isinstance(
-            data.config["treatments"], dict):  # a screen: candidates lead, few trials follow
+    if data.results is not None and isinstance(data.config.get("treatments"), dict):
+        # a screen: its candidates lead, a few of its trials follow
         from results.report_screen import candidate_rows, screen_section, trial_sections_to_draw
 
         run_id = str(data.run["run_id"])

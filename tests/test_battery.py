@@ -11,7 +11,7 @@ import pytest
 
 from cohort.battery import battery_trials
 from cohort.design import BatteryDef, ComparatorDef, DiseaseDef, ScreenDef
-from cohort.prepare import arm_loss_notes
+from cohort.prepare import arm_loss_notes, arm_losses
 from cohort.source import SourceError, open_source
 from tests.test_cohort_rules import VOCABULARY, cdm, design, era, members, prepare, steps
 from tests.tiny_cdm import concepts, d
@@ -219,7 +219,7 @@ def test_arm_loss_notes_name_the_rule_without_counts():
         "outcome": [None] * 6,
         "treated_persons": [1543, 2, 2, 100, 90, 90],
         "comparator_persons": [500, 400, 0, 50, 45, 44]})
-    notes = arm_loss_notes(attrition)
+    notes = arm_loss_notes(arm_losses(attrition))
     assert notes == {1: "rule not_in_both removed more than half of the treated arm; "
                         "rule at_risk emptied the comparator arm"}
     assert not any(ch.isdigit() for ch in notes[1].replace("not_in_both", ""))

@@ -109,6 +109,12 @@ BAD_FILES = [
     (GOOD.replace("treatments: [t]", "treatments: {screen: {}}").replace(
         "comparator: {active: c}", "comparator: {battery: {sme_class: 3}}"),
      r"comparator\.battery\.sme_class: unknown key \(expected one of: random, same_class"),
+    (GOOD.replace("treatments: [t]", "treatments: {screen: {}}").replace(
+        "comparator: {active: c}", "comparator: {battery: {random: true}}"),
+     r"comparator\.battery\.random: Input should be a valid integer"),
+    (GOOD.replace("treatments: [t]", "treatments: {screen: {}}").replace(
+        "comparator: {active: c}", "comparator: {battery: {same_class: true}}"),
+     r"comparator\.battery\.same_class: expected a number of trials or 'all'"),
     (GOOD.replace("comparator: {active: c}", "comparator: {battery: {random: 2}}"),
      r"comparator\.battery: draws comparator drugs from a screen"),
     (GOOD + "population: {disease: {concept_set: t, window: [-30, 10]}}\n",

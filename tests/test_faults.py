@@ -538,6 +538,7 @@ def test_a_min_cell_count_below_five_is_warned_about(tmp_path):
 
 @pytest.mark.parametrize(("text", "masked"), [
     ("only 3 persons in the treated arm", "only <5 persons in the treated arm"),
+    ("persons in the treated arm: 3.", "persons in the treated arm: <5."),
     ("person: 3 cohort member(s) with time zero", "person: <5 cohort member(s) with time zero"),
     ("1,800 and 4; 2 of 3", "1,800 and <5; <5 of <5"),
     ("comparison 2 (t vs c) failed", "comparison 2 (t vs c) failed"),  # an id, not a count
